@@ -1,0 +1,10 @@
+"""gigagan-core's own plugin: registers the core components like any third party would."""
+
+from __future__ import annotations
+
+from gigagan_core.plugins import Component, hookimpl
+
+
+@hookimpl
+def gigagan_components() -> list[Component]:
+    return []

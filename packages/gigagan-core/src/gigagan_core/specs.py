@@ -1,0 +1,248 @@
+"""Specs: frozen, validated descriptions from which components are built.
+
+Every component (a layer, a network, a loss, a dataset, ...) has a *spec*: a frozen
+pydantic model with a ``kind`` literal that names it and one field per hyperparameter,
+each with a documented default. A larger spec names its parts by their specs, so a whole
+model graph or training run is one document that validates before anything is built.
+
+Fields whose value may be *any installed component of a role* use :class:`ComponentOf`
+(or the ready-made aliases such as :data:`AnyLoss`). Validation looks the ``kind`` up in
+the plugin registry at validation time, so components from third-party packages validate
+exactly like the built-ins, errors keep their full path (``losses.2.weight``), and an
+unknown kind lists what is installed for that role.
+
+Example::
+
+    class MyLossSpec(ComponentSpec):
+        role: ClassVar[str] = "loss"
+        kind: Literal["my-loss"] = "my-loss"
+        weight: float = Field(1.0, description="Multiplier of this term in the total.")
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar, Union
+
+import tomli_w
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic_core import PydanticCustomError, core_schema
+
+if TYPE_CHECKING:
+    from pydantic.json_schema import JsonSchemaValue
+
+__all__ = [
+    "AnyDataset",
+    "AnyDiscriminator",
+    "AnyGenerator",
+    "AnyLayer",
+    "AnyLoss",
+    "AnyTextEncoder",
+    "AnyUpsampler",
+    "ComponentOf",
+    "ComponentSpec",
+    "SpecFileError",
+    "dump_spec",
+    "load_spec",
+]
+
+
+class ComponentSpec(BaseModel):
+    """Base class of every component spec.
+
+    Subclasses set the class variable ``role`` (which registry table the component
+    belongs to) and narrow ``kind`` to a ``Literal`` with a default, e.g.
+    ``kind: Literal["adaptive-conv"] = "adaptive-conv"``. Specs are frozen and reject
+    unknown fields, so a typo in a spec file is an error instead of a silent default.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    role: ClassVar[str] = ""
+    kind: str
+
+    @classmethod
+    def default_kind(cls) -> str:
+        """The ``kind`` this spec class stands for (the default of its ``kind`` field)."""
+        default = cls.model_fields["kind"].default
+        if not isinstance(default, str) or not default:
+            raise TypeError(
+                f"{cls.__qualname__} must give its 'kind' field a Literal type with a default"
+            )
+        return default
+
+    def build(self, **runtime: Any) -> Any:
+        """Build the component this spec describes, through the plugin registry.
+
+        ``runtime`` carries objects that are not hyperparameters (e.g. a device or an
+        already-built text encoder to share); most components need none.
+        """
+        from gigagan_core.plugins import get_registry
+
+        return get_registry().build(self, **runtime)
+
+
+class ComponentOf:
+    """Annotation marker: the field holds a spec of any installed component of ``role``.
+
+    Use as ``Annotated[ComponentSpec, ComponentOf("loss")]`` (or the aliases below).
+    Accepts a spec instance or a mapping with a ``kind`` key; the mapping is validated by
+    the spec class registered for that kind, and its errors keep their nested location.
+    """
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+
+    def __repr__(self) -> str:
+        return f"ComponentOf({self.role!r})"
+
+    def _validate(self, value: Any) -> ComponentSpec:
+        from gigagan_core.plugins import get_registry
+
+        registry = get_registry()
+        if isinstance(value, ComponentSpec):
+            kind, spec_role = value.kind, type(value).role
+            if spec_role != self.role:
+                raise PydanticCustomError(
+                    "component_role",
+                    "expected a {role} spec, got a {got} spec ({kind})",
+                    {"role": self.role, "got": spec_role or "role-less", "kind": kind},
+                )
+        elif isinstance(value, dict):
+            kind = value.get("kind")
+            if kind is None:
+                raise PydanticCustomError(
+                    "component_kind_missing",
+                    "a {role} spec needs a 'kind'; installed {role} kinds: {installed}",
+                    {"role": self.role, "installed": _installed(registry, self.role)},
+                )
+        else:
+            raise PydanticCustomError(
+                "component_type",
+                "expected a {role} spec (a table with a 'kind' key), got {type}",
+                {"role": self.role, "type": type(value).__name__},
+            )
+        if not registry.has(self.role, kind):
+            raise PydanticCustomError(
+                "component_kind_unknown",
+                "unknown {role} kind '{kind}'; installed {role} kinds: {installed}",
+                {"role": self.role, "kind": str(kind), "installed": _installed(registry, self.role)},
+            )
+        spec_cls = registry.get(self.role, kind).spec
+        if isinstance(value, ComponentSpec):
+            if not isinstance(value, spec_cls):
+                raise PydanticCustomError(
+                    "component_spec_class",
+                    "{role} kind '{kind}' is registered with spec {expected}, got {got}",
+                    {
+                        "role": self.role,
+                        "kind": kind,
+                        "expected": spec_cls.__qualname__,
+                        "got": type(value).__qualname__,
+                    },
+                )
+            return value
+        # A ValidationError raised here is merged into the caller's, nested under its path.
+        return spec_cls.model_validate(value)
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        def serialize(value: ComponentSpec, info: core_schema.SerializationInfo) -> Any:
+            return value.model_dump(
+                mode=info.mode,
+                by_alias=bool(info.by_alias),
+                exclude_defaults=info.exclude_defaults,
+                exclude_none=info.exclude_none,
+            )
+
+        return core_schema.no_info_plain_validator_function(
+            self._validate,
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                serialize, info_arg=True, when_used="always"
+            ),
+        )
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        from gigagan_core.plugins import get_registry
+
+        specs = [reg.spec for reg in get_registry().list_components(self.role)]
+        if not specs:
+            return {"not": {}, "description": f"no {self.role} component is installed"}
+        union = specs[0] if len(specs) == 1 else Union[tuple(specs)]  # noqa: UP007
+        adapter = TypeAdapter(Annotated[union, Field(discriminator="kind")])
+        return handler(adapter.core_schema)
+
+
+def _installed(registry: Any, role: str) -> str:
+    kinds = registry.kinds(role)
+    return ", ".join(kinds) if kinds else "(none)"
+
+
+AnyLayer = Annotated[ComponentSpec, ComponentOf("layer")]
+AnyTextEncoder = Annotated[ComponentSpec, ComponentOf("text_encoder")]
+AnyGenerator = Annotated[ComponentSpec, ComponentOf("generator")]
+AnyDiscriminator = Annotated[ComponentSpec, ComponentOf("discriminator")]
+AnyLoss = Annotated[ComponentSpec, ComponentOf("loss")]
+AnyUpsampler = Annotated[ComponentSpec, ComponentOf("upsampler")]
+AnyDataset = Annotated[ComponentSpec, ComponentOf("dataset")]
+
+
+class SpecFileError(ValueError):
+    """A spec file could not be read or did not validate; the message names the file."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_spec(path: str | Path, model: type[M]) -> M:
+    """Read a TOML or JSON file and validate it as ``model``.
+
+    Raises :class:`SpecFileError` naming the file: for a missing file, a syntax error, or
+    a validation error (whose text lists each bad field with its full path).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecFileError(path, "no such spec file") from None
+    except OSError as err:
+        raise SpecFileError(path, f"cannot read spec file ({err.strerror})") from err
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise SpecFileError(path, f"not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {err}") from err
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise SpecFileError(path, f"invalid {model.__name__} spec\n{err}") from err
+
+
+def dump_spec(spec: BaseModel, path: str | Path) -> Path:
+    """Write ``spec`` as JSON (``.json``) or TOML (any other suffix); returns the path."""
+    path = Path(path)
+    data = spec.model_dump(mode="json", exclude_none=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    else:
+        path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    return path
