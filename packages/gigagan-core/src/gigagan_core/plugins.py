@@ -35,8 +35,8 @@ from gigagan_core.hookspecs import PROJECT_NAME
 from gigagan_core.specs import ComponentOf, ComponentSpec
 
 __all__ = [
-    "AUTOLOAD_ENV",
     "ALLOWLIST_ENV",
+    "AUTOLOAD_ENV",
     "BUILTIN_DISTRIBUTIONS",
     "ENTRY_POINT_GROUP",
     "STANDARD_ROLES",
@@ -209,8 +209,7 @@ class Registry:
                 components = impl.function()
             except Exception as err:
                 raise PluginLoadError(
-                    f"plugin {where}: gigagan_components() raised "
-                    f"{type(err).__name__}: {err}"
+                    f"plugin {where}: gigagan_components() raised {type(err).__name__}: {err}"
                 ) from err
             for component in components or ():
                 added.append(self._make_registration(component, info, where))
@@ -247,11 +246,7 @@ class Registry:
             kind = spec.default_kind()
         except TypeError as err:
             raise PluginLoadError(f"plugin {where}: {err}") from None
-        description = (
-            component.description
-            or _first_line(component.factory)
-            or _first_line(spec)
-        )
+        description = component.description or _first_line(component.factory) or _first_line(spec)
         return Registration(
             role=spec.role,
             kind=kind,
@@ -282,9 +277,7 @@ class Registry:
         except KeyError:
             pass
         if role not in self.roles():
-            raise UnknownComponentError(
-                f"unknown role '{role}'; roles: {', '.join(self.roles())}"
-            )
+            raise UnknownComponentError(f"unknown role '{role}'; roles: {', '.join(self.roles())}")
         installed = ", ".join(self.kinds(role)) or "(none)"
         raise UnknownComponentError(
             f"unknown {role} kind '{kind}'; installed {role} kinds: {installed}"
@@ -295,9 +288,7 @@ class Registry:
     ) -> list[Registration]:
         """Registrations, optionally of one role and with kinds matching a glob pattern."""
         if role is not None and role not in self.roles():
-            raise UnknownComponentError(
-                f"unknown role '{role}'; roles: {', '.join(self.roles())}"
-            )
+            raise UnknownComponentError(f"unknown role '{role}'; roles: {', '.join(self.roles())}")
         out = []
         for r in sorted(self._table) if role is None else [role]:
             for kind, reg in sorted(self._table.get(r, {}).items()):
@@ -337,9 +328,7 @@ class Registry:
         fields: dict[str, Any] = {
             r: (Annotated[ComponentSpec, ComponentOf(r)], None) for r in roles
         }
-        model = create_model(
-            "InstalledComponents", __config__=ConfigDict(extra="forbid"), **fields
-        )
+        model = create_model("InstalledComponents", __config__=ConfigDict(extra="forbid"), **fields)
         with use_registry(self):
             schema = model.model_json_schema()
         if role is None:

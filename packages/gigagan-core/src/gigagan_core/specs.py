@@ -115,7 +115,7 @@ class ComponentOf:
             if spec_role != self.role:
                 raise PydanticCustomError(
                     "component_role",
-                    "expected a {role} spec, got a {got} spec ({kind})",
+                    "expected a {role} spec, got a spec of role {got} ({kind})",
                     {"role": self.role, "got": spec_role or "role-less", "kind": kind},
                 )
         elif isinstance(value, dict):
@@ -136,7 +136,11 @@ class ComponentOf:
             raise PydanticCustomError(
                 "component_kind_unknown",
                 "unknown {role} kind '{kind}'; installed {role} kinds: {installed}",
-                {"role": self.role, "kind": str(kind), "installed": _installed(registry, self.role)},
+                {
+                    "role": self.role,
+                    "kind": str(kind),
+                    "installed": _installed(registry, self.role),
+                },
             )
         spec_cls = registry.get(self.role, kind).spec
         if isinstance(value, ComponentSpec):
@@ -230,7 +234,9 @@ def load_spec(path: str | Path, model: type[M]) -> M:
         else:
             data = tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        raise SpecFileError(path, f"not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {err}") from err
+        raise SpecFileError(
+            path, f"not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {err}"
+        ) from err
     try:
         return model.model_validate(data)
     except ValidationError as err:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from gigagan_core.plugins import Component, hookimpl
-
 from gigagan_train.data import SyntheticShapes, SyntheticShapesSpec
 
 

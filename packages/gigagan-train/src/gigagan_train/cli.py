@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_plugins)
 
-    p = sub.add_parser("schema", parents=[common], help="JSON Schema of installed components or of the run spec")
+    p = sub.add_parser(
+        "schema", parents=[common], help="JSON Schema of installed components or of the run spec"
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--role", help="only this role's specs")
     group.add_argument("--run", action="store_true", help="the schema of a run spec file")

@@ -86,7 +86,9 @@ def dry_run(spec: RunSpec, out: str | Path | None = None) -> tuple[AssembledRun,
     )
     batch = next(iter(loader))
     images = batch["image"]
-    save_image(images * 0.5 + 0.5, folder / "real_samples.png", nrow=max(1, int(len(images) ** 0.5)))
+    save_image(
+        images * 0.5 + 0.5, folder / "real_samples.png", nrow=max(1, int(len(images) ** 0.5))
+    )
     (folder / "real_captions.json").write_text(json.dumps(list(batch["caption"]), indent=2) + "\n")
     log.info("wrote %s", folder / "real_samples.png")
     return run, folder

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from gigagan_core.plugins import Component, hookimpl
-
 from gigagan_upsampler.interpolate import InterpolationUpsampler, InterpolationUpsamplerSpec
 
 

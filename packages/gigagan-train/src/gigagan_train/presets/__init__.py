@@ -9,7 +9,9 @@ __all__ = ["preset_names", "preset_path"]
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".toml") for p in files(__name__).iterdir() if p.name.endswith(".toml"))
+    return sorted(
+        p.name.removesuffix(".toml") for p in files(__name__).iterdir() if p.name.endswith(".toml")
+    )
 
 
 def preset_path(name: str) -> Path:

@@ -1,0 +1,39 @@
+# One entry point for a fresh machine: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PACKAGES := packages/gigagan-core packages/gigagan-losses packages/gigagan-upsampler packages/gigagan-train
+TORCH  := torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench wheels clean
+
+setup: $(STAMP)
+
+# Reinstall when a distribution's metadata changes (entry points live there).
+$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGES))
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=25.1"
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q --group dev
+	$(BIN)/python -m pip install -q --no-build-isolation $(addprefix -e ,$(PACKAGES))
+	touch $@
+
+demo: setup
+	$(BIN)/gigagan plugins
+	$(BIN)/gigagan train demo --dry-run
+
+test: setup
+	$(BIN)/python -m pytest -n 2 -q
+
+lint: setup
+	$(BIN)/ruff check packages examples tests benchmarks
+
+bench: setup
+	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+wheels: setup
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist $(PACKAGES)
+
+clean:
+	rm -rf $(VENV) dist build runs

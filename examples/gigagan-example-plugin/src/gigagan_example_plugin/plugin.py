@@ -1,0 +1,11 @@
+"""The plugin module named by this package's ``gigagan`` entry point."""
+
+from __future__ import annotations
+
+from gigagan_core.plugins import Component, hookimpl
+from gigagan_example_plugin.checkerboard import Checkerboard, CheckerboardSpec
+
+
+@hookimpl
+def gigagan_components() -> list[Component]:
+    return [Component(spec=CheckerboardSpec, factory=Checkerboard)]

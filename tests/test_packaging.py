@@ -1,0 +1,176 @@
+"""Each distribution builds a wheel and, installed with only its declared dependencies,
+imports and registers exactly its own components (and those of gigagan packages it needs).
+
+A fresh virtual environment gets the package's wheel, the wheels of the gigagan
+distributions it declares, and links to exactly the third-party distributions in the
+closure of its declared requirements (read from this environment's metadata). A missing
+dependency declaration therefore shows up as an import failure here.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import os
+import shutil
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = {
+    "gigagan-core": [],
+    "gigagan-losses": ["gigagan-core"],
+    "gigagan-upsampler": ["gigagan-core"],
+    "gigagan-train": ["gigagan-core", "gigagan-losses", "gigagan-upsampler"],
+}
+PLUGIN_NAMES = {
+    "gigagan-core": "core",
+    "gigagan-losses": "losses",
+    "gigagan-upsampler": "upsampler",
+    "gigagan-train": "train",
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("wheels")
+    # Build from copies: setuptools writes build/ and *.egg-info into the source folder,
+    # which races between test workers and would litter the checkout.
+    sources = tmp_path_factory.mktemp("sources")
+    ignore = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    for name in PACKAGES:
+        shutil.copytree(REPO / "packages" / name, sources / name, ignore=ignore)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(out),
+    ]
+    cmd += [str(sources / name) for name in PACKAGES]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    found = {}
+    for wheel in out.glob("*.whl"):
+        dist = _canonical(wheel.name.split("-")[0])
+        found[dist] = wheel
+    return found
+
+
+def test_all_four_wheels_build_with_entry_points_and_declared_requirements(wheels):
+    assert set(wheels) == set(PACKAGES)
+    for dist, wheel in wheels.items():
+        with zipfile.ZipFile(wheel) as zf:
+            info = next(n.split("/")[0] for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+            entry_points = zf.read(f"{info}/entry_points.txt").decode()
+            metadata = zf.read(f"{info}/METADATA").decode()
+        module = dist.replace("-", "_")
+        assert f"[gigagan]\n{PLUGIN_NAMES[dist]} = {module}._plugin" in entry_points
+        requires = {
+            _canonical(Requirement(line.split(":", 1)[1].strip()).name)
+            for line in metadata.splitlines()
+            if line.startswith("Requires-Dist:")
+        }
+        assert {d for d in requires if d.startswith("gigagan-")} == set(PACKAGES[dist])
+
+
+def _third_party_closure(dist: str) -> set[str]:
+    """Distributions (canonical names) needed by ``dist``, other gigagan ones excluded."""
+    seen: set[str] = set()
+    stack = [dist]
+    while stack:
+        name = stack.pop()
+        for line in md.distribution(name).requires or []:
+            req = Requirement(line)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            dep = _canonical(req.name)
+            if dep not in seen:
+                seen.add(dep)
+                stack.append(dep)
+    return {d for d in seen if not d.startswith("gigagan-")}
+
+
+def _link_distribution(name: str, site: Path) -> None:
+    dist = md.distribution(name)
+    base = Path(dist.locate_file(""))
+    tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+    for top in tops:
+        target = site / top
+        if not target.exists():
+            target.symlink_to(base / top)
+
+
+@pytest.mark.parametrize("dist", list(PACKAGES))
+def test_package_imports_and_registers_alone(dist: str, wheels, tmp_path: Path):
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
+    for dep in sorted(_third_party_closure(dist)):
+        _link_distribution(dep, site)
+    own = [wheels[d] for d in [*PACKAGES[dist], dist]]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(site),
+            *map(str, own),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    module = dist.replace("-", "_")
+    others = [d.replace("-", "_") for d in PACKAGES if d != dist and d not in PACKAGES[dist]]
+    script = f"""
+import importlib, importlib.util, json, pkgutil
+mod = importlib.import_module({module!r})
+for info in pkgutil.walk_packages(mod.__path__, prefix={module!r} + "."):
+    importlib.import_module(info.name)
+from gigagan_core.plugins import load_registry
+reg = load_registry()
+print(json.dumps({{
+    "plugins": sorted(d for _, d, _ in reg.plugins()),
+    "component_dists": sorted({{r.distribution for r in reg.list_components()}}),
+    "visible_others": [m for m in {others!r} if importlib.util.find_spec(m) is not None],
+    "file": mod.__file__,
+}}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "GIGAGAN_"))}
+    proc = subprocess.run([python, "-c", script], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = sorted([*PACKAGES[dist], dist])
+    assert result["plugins"] == expected
+    assert set(result["component_dists"]) <= set(expected)
+    assert result["visible_others"] == []
+    assert result["file"].startswith(str(site))  # the wheel, not the source tree
