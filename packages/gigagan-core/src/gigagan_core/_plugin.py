@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from gigagan_core.layers.adaptive_conv import AdaptiveConv2d, AdaptiveConv2dSpec
 from gigagan_core.plugins import Component, hookimpl
 
 
 @hookimpl
 def gigagan_components() -> list[Component]:
-    return []
+    return [
+        Component(spec=AdaptiveConv2dSpec, factory=AdaptiveConv2d),
+    ]
