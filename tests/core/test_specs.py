@@ -178,3 +178,19 @@ def test_run_spec_schema_follows_the_registry_in_use(make_distribution, toy_plug
         assert (
             RunSpec.model_validate({"dataset": {"kind": "acme-toy", "size": 2}}).dataset.size == 2
         )
+
+
+def test_hyperparameters_keep_values_as_they_are_and_drop_kind():
+    nested = Pipeline(parts=(SyntheticShapesSpec(resolution=16),))
+    assert SyntheticShapesSpec(resolution=16, seed=4).hyperparameters() == {
+        "resolution": 16,
+        "size": 10_000,
+        "seed": 4,
+    }
+
+    # A spec holding specs passes them on as specs, not as dumped dictionaries.
+    class Holder(SyntheticShapesSpec):
+        inner: SyntheticShapesSpec = SyntheticShapesSpec()
+
+    holder = Holder(inner=nested.parts[0])
+    assert holder.hyperparameters()["inner"] is nested.parts[0]

@@ -81,6 +81,15 @@ class ComponentSpec(BaseModel):
             )
         return default
 
+    def hyperparameters(self) -> dict[str, Any]:
+        """Every field but ``kind``, as keyword arguments for the component's constructor.
+
+        Values are returned as they are (nested specs stay specs), so a component whose
+        constructor arguments share the spec's field names is built by
+        ``cls(**spec.hyperparameters())``.
+        """
+        return {name: getattr(self, name) for name in type(self).model_fields if name != "kind"}
+
     def build(self, **runtime: Any) -> Any:
         """Build the component this spec describes, through the plugin registry.
 

@@ -55,7 +55,7 @@ class SyntheticShapes(Dataset):
 
     @classmethod
     def from_spec(cls, spec: SyntheticShapesSpec) -> SyntheticShapes:
-        return cls(resolution=spec.resolution, size=spec.size, seed=spec.seed)
+        return cls(**spec.hyperparameters())
 
     def __len__(self) -> int:
         return self.size

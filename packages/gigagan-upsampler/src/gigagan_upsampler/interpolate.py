@@ -38,7 +38,7 @@ class InterpolationUpsampler(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: InterpolationUpsamplerSpec) -> InterpolationUpsampler:
-        return cls(scale=spec.scale, mode=spec.mode)
+        return cls(**spec.hyperparameters())
 
     def forward(self, image: torch.Tensor, texts: object = None) -> torch.Tensor:
         if image.ndim != 4:

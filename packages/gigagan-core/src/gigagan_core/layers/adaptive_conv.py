@@ -203,7 +203,7 @@ class AdaptiveConv2d(nn.Module):
     @classmethod
     def from_spec(cls, spec: AdaptiveConv2dSpec) -> AdaptiveConv2d:
         """Build the layer described by ``spec``."""
-        return cls(**spec.model_dump(exclude={"kind"}))
+        return cls(**spec.hyperparameters())
 
     # ---- per-sample weights -------------------------------------------------------------
 

@@ -292,16 +292,7 @@ class L2SelfAttention(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: L2SelfAttentionSpec) -> L2SelfAttention:
-        return cls(
-            spec.dim,
-            spec.heads,
-            spec.dim_head,
-            variant=spec.variant,
-            residual=spec.residual,
-            residual_gain=spec.residual_gain,
-            fused=spec.fused,
-            lr_multiplier=spec.lr_multiplier,
-        )
+        return cls(**spec.hyperparameters())
 
     def lipschitz_weights(self) -> tuple[Tensor, Tensor, Tensor]:
         """Effective ``(W_Q, W_V, W_O)`` in Kim et al.'s convention.
@@ -395,16 +386,7 @@ class L2CrossAttention(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: L2CrossAttentionSpec) -> L2CrossAttention:
-        return cls(
-            spec.dim,
-            spec.context_dim,
-            spec.heads,
-            spec.dim_head,
-            residual=spec.residual,
-            residual_gain=spec.residual_gain,
-            fused=spec.fused,
-            lr_multiplier=spec.lr_multiplier,
-        )
+        return cls(**spec.hyperparameters())
 
     def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
         tokens, spatial = _to_tokens(x, self.dim)
@@ -472,15 +454,7 @@ class DotProductSelfAttention(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: DotProductSelfAttentionSpec) -> DotProductSelfAttention:
-        return cls(
-            spec.dim,
-            spec.heads,
-            spec.dim_head,
-            residual=spec.residual,
-            residual_gain=spec.residual_gain,
-            fused=spec.fused,
-            lr_multiplier=spec.lr_multiplier,
-        )
+        return cls(**spec.hyperparameters())
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         tokens, spatial = _to_tokens(x, self.dim)
