@@ -156,7 +156,14 @@ def test_json_schema_of_a_role_is_the_union_of_installed_kinds(make_distribution
 
 def test_full_json_schema_covers_every_role_with_components():
     schema = load_registry(autoload=False).json_schema()
-    assert set(schema["properties"]) == {"dataset", "layer", "upsampler"}
+    assert set(schema["properties"]) == {
+        "dataset",
+        "discriminator",
+        "generator",
+        "layer",
+        "text_encoder",
+        "upsampler",
+    }
     layer_kinds = set(schema["properties"]["layer"]["discriminator"]["mapping"])
     assert layer_kinds == set(load_registry(autoload=False).kinds("layer"))
     assert "adaptive-conv" in layer_kinds

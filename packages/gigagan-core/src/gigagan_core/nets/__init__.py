@@ -1,0 +1,42 @@
+"""GigaGAN's networks: text path, mapping network, generator, MS-I/O discriminator."""
+
+from gigagan_core.nets.conditioning import TextConditioning, TextTransformer, split_global_local
+from gigagan_core.nets.discriminator import (
+    DiscriminatorOutput,
+    MultiScaleDiscriminator,
+    MultiScaleDiscriminatorSpec,
+)
+from gigagan_core.nets.generator import (
+    Generator,
+    GeneratorOutput,
+    GeneratorSpec,
+    SynthesisLevel,
+    SynthesisNetwork,
+    slerp,
+)
+from gigagan_core.nets.mapping import MappingNetwork, truncate
+from gigagan_core.nets.pyramid import build_pyramid, check_pyramid
+from gigagan_core.nets.text import CLIPTextEncoder, CLIPTextEncoderSpec
+from gigagan_core.nets.text_features import TextFeatures
+
+__all__ = [
+    "CLIPTextEncoder",
+    "CLIPTextEncoderSpec",
+    "DiscriminatorOutput",
+    "Generator",
+    "GeneratorOutput",
+    "GeneratorSpec",
+    "MappingNetwork",
+    "MultiScaleDiscriminator",
+    "MultiScaleDiscriminatorSpec",
+    "SynthesisLevel",
+    "SynthesisNetwork",
+    "TextConditioning",
+    "TextFeatures",
+    "TextTransformer",
+    "build_pyramid",
+    "check_pyramid",
+    "slerp",
+    "split_global_local",
+    "truncate",
+]

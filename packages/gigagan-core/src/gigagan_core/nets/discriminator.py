@@ -1,0 +1,549 @@
+"""GigaGAN's multi-scale-input, multi-scale-output (MS-I/O) discriminator (Sec. 3.4).
+
+Data flow for a batch of ``b`` images and captions, with ``L`` pyramid levels at resolutions
+``r_0 = R > r_1 = R/2 > ... > r_{L-1} = min_resolution``::
+
+    captions --frozen text encoder--> TextFeatures --T_D (learned)--> t_D  (b text_dim)
+    x (b 3 R R) --2x2 means--> pyramid x_0 .. x_{L-1}                (x_i: b 3 r_i r_i)
+
+    image branch phi, stage s = 0 .. L-1 (weights shared by every input level):
+        [L2 self-attention] -> conv3x3 -> blur [1,3,3,1] + subsample -> conv3x3
+        (minibatch-stddev features are appended before the last stage's first conv)
+    fromRGB_s: x_s enters phi at stage s; level j = s + 1 is the output of stage s.
+
+    D_ij(x, c) = psi_j(phi_{i->j}(x_i), t_D) + Conv1x1_j(phi_{i->j}(x_i))   for 0 <= i < j <= L
+
+``psi_j`` is a stack of 1x1 convolutions modulated by ``t_D`` (StyleGAN2 weight modulation,
+Eq. 1-2 with a single kernel); ``Conv1x1_j`` is an unconditional skip to one channel. With
+``L`` levels there are ``L (L + 1) / 2`` pairs (15 for 64 -> 4 px). Every ``D_ij`` reads
+only ``x_i``: the paths of different input levels share weights, never activations, so the
+gradient of ``D_ij`` with respect to ``x_k`` is exactly zero for ``k != i``. That is what
+lets each level of the generator's pyramid be judged on its own (MS-I/O).
+
+Implementation: the paths are not run one after another. At stage ``s`` the paths of every
+input level ``i <= s`` are concatenated along the batch axis (``(p b) c h w`` with
+``p = s + 1`` paths, ``i`` major), so each stage runs once per forward call on ``p b``
+samples. Nothing in a stage mixes samples except the minibatch-stddev layer, which groups
+samples within one path only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
+from torch import Tensor, nn
+
+from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
+from gigagan_core.layers.attention import L2SelfAttention
+from gigagan_core.layers.equalized import EqualizedConv2d
+from gigagan_core.nets.conditioning import TextTransformer
+from gigagan_core.nets.pyramid import build_pyramid, check_pyramid
+from gigagan_core.nets.text_features import TextFeatures
+from gigagan_core.pretrained import PretrainedMixin
+from gigagan_core.specs import AnyTextEncoder, ComponentSpec
+
+__all__ = [
+    "DiscriminatorOutput",
+    "MultiScaleDiscriminator",
+    "MultiScaleDiscriminatorSpec",
+    "minibatch_std",
+]
+
+TextInput = Sequence[str] | str | TextFeatures | None
+
+_MBSTD_EPS = 1e-8
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value >= 1 and value & (value - 1) == 0
+
+
+class MultiScaleDiscriminatorSpec(ComponentSpec):
+    """Spec of :class:`MultiScaleDiscriminator` (GigaGAN's MS-I/O discriminator, Sec. 3.4).
+
+    Channels at resolution ``r`` are ``min(channel_base // r, channel_max)`` (the StyleGAN
+    convention), for the pyramid levels and for the output of the last stage
+    (``min_resolution / 2``) alike.
+    """
+
+    role: ClassVar[str] = "discriminator"
+    kind: Literal["ms-io"] = "ms-io"
+
+    resolution: int = Field(
+        64, description="Highest pyramid level: side of the full-resolution image (2^k, >= 8)."
+    )
+    min_resolution: int = Field(
+        4,
+        description="Lowest pyramid level (2^k, >= 2); levels run resolution, resolution/2, "
+        "..., min_resolution, and the last stage outputs min_resolution/2.",
+    )
+    image_channels: int = Field(3, ge=1, description="Channels of the input images.")
+    channel_base: int = Field(
+        16384, ge=1, description="Channels at resolution r are min(channel_base // r, channel_max)."
+    )
+    channel_max: int = Field(512, ge=1, description="Upper bound on the channels of any stage.")
+    attention_resolutions: tuple[int, ...] = Field(
+        (32, 16, 8),
+        description="Input resolutions of the stages that start with an L2 self-attention "
+        "layer; each must be a pyramid level.",
+    )
+    attention_heads: int = Field(4, ge=1, description="Heads of the image-branch attention.")
+    residual_gain: float = Field(
+        0.5, ge=0, description="Gain of each attention branch in its residual sum (< 1)."
+    )
+    text_encoder: AnyTextEncoder | None = Field(
+        None,
+        description="Frozen text encoder (e.g. kind 'open-clip'); null builds an unconditional "
+        "discriminator whose t_D is a learned constant.",
+    )
+    text_dim: int = Field(256, ge=1, description="Width of the text descriptor t_D.")
+    text_layers: int = Field(2, ge=0, description="Learned attention blocks in T_D.")
+    text_heads: int = Field(4, ge=1, description="Heads of T_D's attention layers.")
+    head_layers: int = Field(
+        4, ge=1, description="1x1 modulated conv layers in each prediction head psi_j."
+    )
+    head_channels: int | None = Field(
+        None,
+        ge=1,
+        description="Width of psi_j's hidden layers; null uses the channels of level j.",
+    )
+    mbstd_group: int = Field(
+        4,
+        ge=0,
+        description="Minibatch-stddev group size (StyleGAN2); a batch it does not divide is "
+        "taken as one group. 0 disables the layer.",
+    )
+    mbstd_channels: int = Field(
+        1, ge=0, description="Minibatch-stddev feature channels; 0 disables the layer."
+    )
+    fused: bool = Field(
+        True, description="Grouped-conv / SDPA fast paths (false: the reference paths)."
+    )
+
+    @field_validator("resolution")
+    @classmethod
+    def _check_resolution(cls, value: int) -> int:
+        if not _is_power_of_two(value) or value < 8:
+            raise ValueError(f"resolution must be a power of two >= 8, got {value}")
+        return value
+
+    @field_validator("min_resolution")
+    @classmethod
+    def _check_min_resolution(cls, value: int) -> int:
+        if not _is_power_of_two(value) or value < 2:
+            raise ValueError(f"min_resolution must be a power of two >= 2, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> MultiScaleDiscriminatorSpec:
+        if self.min_resolution > self.resolution:
+            raise ValueError(
+                f"min_resolution={self.min_resolution} is above resolution={self.resolution}"
+            )
+        if self.channel_base < self.resolution:
+            raise ValueError(
+                f"channel_base={self.channel_base} gives no channels at resolution "
+                f"{self.resolution}; it must be at least the resolution"
+            )
+        levels = self.resolutions
+        stray = [r for r in self.attention_resolutions if r not in levels]
+        if stray:
+            raise ValueError(
+                f"attention_resolutions {stray} are not pyramid levels; the levels are "
+                f"{list(levels)}"
+            )
+        for r in self.attention_resolutions:
+            if self.channels(r) % self.attention_heads:
+                raise ValueError(
+                    f"attention_heads={self.attention_heads} does not divide the "
+                    f"{self.channels(r)} channels of the attention stage at resolution {r}"
+                )
+        if self.text_dim % self.text_heads:
+            raise ValueError(
+                f"text_dim={self.text_dim} is not divisible by text_heads={self.text_heads}"
+            )
+        if self.mbstd_enabled and self.channels(self.min_resolution) % self.mbstd_channels:
+            raise ValueError(
+                f"mbstd_channels={self.mbstd_channels} does not divide the "
+                f"{self.channels(self.min_resolution)} channels at min_resolution"
+            )
+        return self
+
+    def channels(self, resolution: int) -> int:
+        """Feature channels at ``resolution``: ``min(channel_base // r, channel_max)``."""
+        return min(self.channel_base // resolution, self.channel_max)
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Pyramid levels, highest resolution first."""
+        out = []
+        r = self.resolution
+        while r >= self.min_resolution:
+            out.append(r)
+            r //= 2
+        return tuple(out)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.resolutions)
+
+    @property
+    def mbstd_enabled(self) -> bool:
+        return self.mbstd_group > 0 and self.mbstd_channels > 0
+
+
+@dataclass(frozen=True)
+class DiscriminatorOutput:
+    """The MS-I/O predictions of one forward pass.
+
+    ``logits[(i, j)]`` is ``D_ij``: input level ``i`` read out at level ``j > i``, shape
+    ``b h_j w_j`` with ``h_j = R / 2**j`` (per-location realism logits, float32 or wider).
+    ``resolutions`` are the input levels' resolutions, highest first.
+    """
+
+    logits: dict[tuple[int, int], Tensor]
+    resolutions: tuple[int, ...]
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """The ``(i, j)`` keys, sorted."""
+        return sorted(self.logits)
+
+    def __getitem__(self, pair: tuple[int, int]) -> Tensor:
+        return self.logits[pair]
+
+    def mean_logits(self) -> dict[tuple[int, int], Tensor]:
+        """Each ``D_ij`` averaged over its spatial positions: ``b`` per pair."""
+        return {pair: value.mean(dim=(1, 2)) for pair, value in sorted(self.logits.items())}
+
+
+def minibatch_std(x: Tensor, group_size: int, num_channels: int = 1, paths: int = 1) -> Tensor:
+    """Append minibatch standard-deviation features (StyleGAN2, Karras et al. 2020, App. B).
+
+    ``x: (p b) c h w`` holds ``p = paths`` independent batches of ``b`` samples each, path
+    major. Within each path, samples are split into groups of ``G`` (sample ``n`` is in group
+    ``n mod (b / G)``, as in StyleGAN2); ``G = group_size`` when it divides ``b``, otherwise
+    the whole path's batch is one group, so any batch size works and a group is never
+    smaller than StyleGAN2's ``min(group_size, b)``. The ``c`` channels are split into
+    ``num_channels`` slices; each slice's standard deviation over the group, averaged over
+    its channels and pixels, is broadcast as one extra channel to the group's samples.
+
+    Returns ``(p b) (c + num_channels) h w``. The statistic is computed in at least float32
+    (it subtracts nearly equal numbers) and cast back to ``x``'s dtype.
+    """
+    pb, c, h, w = x.shape
+    if paths < 1 or pb % paths:
+        raise ValueError(f"batch {pb} does not split into {paths} paths")
+    if num_channels < 1 or c % num_channels:
+        raise ValueError(f"num_channels={num_channels} does not divide the {c} channels")
+    b = pb // paths
+    g = group_size if group_size >= 1 and b % group_size == 0 else b
+    m = b // g
+    acc = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        y = x.to(acc).reshape(paths, g, m, num_channels, c // num_channels, h, w)
+        y = y - y.mean(dim=1, keepdim=True)
+        y = (y.square().mean(dim=1) + _MBSTD_EPS).sqrt()  # p m f c' h w
+        y = y.mean(dim=(3, 4, 5))  # p m f
+        y = y[:, None, :, :, None, None].expand(paths, g, m, num_channels, h, w)
+        y = y.reshape(pb, num_channels, h, w)
+    return torch.cat([x, y.to(x.dtype)], dim=1)
+
+
+class _BlurDown(nn.Module):
+    """Blur with the separable binomial filter ``[1, 3, 3, 1]`` then keep every second pixel.
+
+    ``b c h w`` to ``b c h/2 w/2``. The filter (normalised to sum 1, edges replicated) is a
+    low-pass that removes most of what a bare stride-2 subsampling would alias; it is the
+    generator's downsampling filter too (see :mod:`gigagan_core.layers.adaptive_conv`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        binomial = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        self.register_buffer(
+            "kernel", torch.outer(binomial, binomial) / binomial.sum() ** 2, persistent=False
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = x.shape[1]
+        x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        return F.conv2d(x, self.kernel.to(x.dtype).expand(c, 1, 4, 4), stride=2, groups=c)
+
+
+class _Stage(nn.Module):
+    """One stage of the shared image branch ``phi``: ``(p b) c_in r r`` to ``(p b) c_out r/2 r/2``.
+
+    ``[L2 self-attention] -> [minibatch stddev] -> conv3x3 + lrelu -> blur-subsample ->
+    conv3x3 + lrelu``. The second convolution runs after the subsampling, so it costs a
+    quarter of a full-resolution one and sees the anti-aliased signal.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        attention_heads: int | None,
+        residual_gain: float,
+        mbstd_group: int,
+        mbstd_channels: int,
+        fused: bool,
+    ) -> None:
+        super().__init__()
+        self.attention = (
+            L2SelfAttention(
+                in_channels, heads=attention_heads, residual_gain=residual_gain, fused=fused
+            )
+            if attention_heads is not None
+            else None
+        )
+        self.mbstd_group = mbstd_group
+        self.mbstd_channels = mbstd_channels
+        self.conv = EqualizedConv2d(
+            in_channels + mbstd_channels, in_channels, 3, activation="lrelu"
+        )
+        self.down = _BlurDown()
+        self.conv_down = EqualizedConv2d(in_channels, out_channels, 3, activation="lrelu")
+
+    def forward(self, x: Tensor, paths: int) -> Tensor:
+        if self.attention is not None:
+            x = self.attention(x)
+        if self.mbstd_channels:
+            x = minibatch_std(x, self.mbstd_group, self.mbstd_channels, paths=paths)
+        x = self.conv(x)
+        return self.conv_down(self.down(x))
+
+
+class _PredictionHead(nn.Module):
+    """``psi_j(h, t_D) + Conv1x1_j(h)``: ``(p b) c h w`` and ``(p b) text_dim`` to ``(p b) h w``.
+
+    ``psi_j`` is ``layers`` 1x1 :class:`AdaptiveConv2d` layers with one kernel each (plain
+    StyleGAN2 modulation by ``t_D``), lrelu between them; the last one maps to a single
+    channel without demodulation (a demodulated 1-channel output would have its scale fixed
+    and the logit magnitude could not be learned) and without activation.
+    """
+
+    def __init__(
+        self, channels: int, hidden: int, text_dim: int, layers: int, *, fused: bool
+    ) -> None:
+        super().__init__()
+        widths = [channels] + [hidden] * (layers - 1) + [1]
+        last = layers - 1
+        self.psi = nn.ModuleList(
+            AdaptiveConv2d(
+                widths[k],
+                widths[k + 1],
+                kernel_size=1,
+                w_dim=text_dim,
+                num_kernels=1,
+                demodulate=k != last,
+                activation="linear" if k == last else "lrelu",
+                fused=fused,
+            )
+            for k in range(layers)
+        )
+        self.skip = EqualizedConv2d(channels, 1, 1)
+
+    def forward(self, h: Tensor, t: Tensor) -> Tensor:
+        y = h
+        for layer in self.psi:
+            y = layer(y, t)
+        return (y + self.skip(h)).squeeze(1)
+
+
+class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
+    """GigaGAN's text-conditional MS-I/O discriminator (Sec. 3.4); see the module docstring.
+
+    ``discriminator(images, texts)`` returns a :class:`DiscriminatorOutput` with one logit
+    map per pair ``(i, j)``. ``images`` is a full-resolution batch (``b c R R``, turned into
+    its pyramid by 2x2 means) or the pyramid itself (highest resolution first, as the
+    generator returns it). ``texts`` are captions or precomputed :class:`TextFeatures`;
+    ``text_embedding`` passes ``t_D`` directly (from :meth:`encode_text`, e.g. rolled along
+    the batch for the matching-aware loss) and skips the text branch.
+
+    An unconditional discriminator (spec without ``text_encoder``) takes no texts; its
+    ``t_D`` is a learned constant, so the modulated heads ``psi_j`` work unchanged.
+    """
+
+    spec_class: ClassVar[type[MultiScaleDiscriminatorSpec]] = MultiScaleDiscriminatorSpec
+
+    def __init__(
+        self, spec: MultiScaleDiscriminatorSpec, text_encoder: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        if spec.text_encoder is None and text_encoder is not None:
+            raise ValueError(
+                "the spec describes an unconditional discriminator (text_encoder is null); "
+                "got a text_encoder"
+            )
+        if spec.text_encoder is not None and text_encoder is None:
+            text_encoder = spec.text_encoder.build()
+        if text_encoder is not None and not isinstance(getattr(text_encoder, "width", None), int):
+            raise TypeError("the text encoder must have an integer 'width' (token feature width)")
+        # A shared encoder (e.g. the generator's) is registered here too, so the checkpoint
+        # of this module is complete on its own.
+        self.text_encoder = text_encoder
+        self.text_transformer = (
+            TextTransformer(text_encoder.width, spec.text_dim, spec.text_layers, spec.text_heads)
+            if text_encoder is not None
+            else None
+        )
+        # Unit-variance init: the same scale as the LayerNorm-ed t_D of a conditional model.
+        self.text_constant = (
+            nn.Parameter(torch.randn(spec.text_dim)) if text_encoder is None else None
+        )
+
+        resolutions = spec.resolutions
+        last = len(resolutions) - 1
+        self.from_rgb = nn.ModuleList(
+            EqualizedConv2d(spec.image_channels, spec.channels(r), 1, activation="lrelu")
+            for r in resolutions
+        )
+        self.stages = nn.ModuleList(
+            _Stage(
+                spec.channels(r),
+                spec.channels(r // 2),
+                attention_heads=spec.attention_heads if r in spec.attention_resolutions else None,
+                residual_gain=spec.residual_gain,
+                mbstd_group=spec.mbstd_group if s == last and spec.mbstd_enabled else 0,
+                mbstd_channels=spec.mbstd_channels if s == last and spec.mbstd_enabled else 0,
+                fused=spec.fused,
+            )
+            for s, r in enumerate(resolutions)
+        )
+        # heads[j - 1] reads level j, the output of stage j - 1.
+        self.heads = nn.ModuleList(
+            _PredictionHead(
+                spec.channels(r // 2),
+                spec.head_channels or spec.channels(r // 2),
+                spec.text_dim,
+                spec.head_layers,
+                fused=spec.fused,
+            )
+            for r in resolutions
+        )
+
+    @classmethod
+    def from_spec(
+        cls, spec: MultiScaleDiscriminatorSpec, text_encoder: nn.Module | None = None
+    ) -> MultiScaleDiscriminator:
+        """Build the discriminator ``spec`` describes (sharing ``text_encoder`` if given)."""
+        return cls(spec, text_encoder=text_encoder)
+
+    # ---- properties -----------------------------------------------------------------------
+
+    @property
+    def conditional(self) -> bool:
+        return self.text_encoder is not None
+
+    @property
+    def levels(self) -> int:
+        """Number of input pyramid levels ``L``."""
+        return self.spec.num_levels
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Input pyramid resolutions, highest first."""
+        return self.spec.resolutions
+
+    @property
+    def pairs(self) -> tuple[tuple[int, int], ...]:
+        """Every ``(i, j)`` with ``0 <= i < j <= L``, sorted: ``L (L + 1) / 2`` pairs."""
+        return tuple((i, j) for i in range(self.levels) for j in range(i + 1, self.levels + 1))
+
+    def _device(self) -> torch.device:
+        return self.from_rgb[0].weight.device
+
+    # ---- text -----------------------------------------------------------------------------
+
+    def encode_text(self, texts: TextInput = None, batch_size: int | None = None) -> Tensor:
+        """The text descriptor ``t_D`` (``b text_dim``): ``T_D(E_txt(c))`` at end-of-text.
+
+        A conditional discriminator needs captions or :class:`TextFeatures`; an
+        unconditional one takes none and returns its learned constant repeated
+        ``batch_size`` times.
+        """
+        if not self.conditional:
+            if texts is not None:
+                raise ValueError("this discriminator is unconditional; it takes no texts")
+            if batch_size is None:
+                raise ValueError("pass batch_size to expand the unconditional t_D")
+            assert self.text_constant is not None
+            return self.text_constant[None].expand(batch_size, -1)
+        if texts is None:
+            raise ValueError(
+                "this discriminator is text-conditional; pass texts (captions or "
+                "TextFeatures) or text_embedding"
+            )
+        assert self.text_encoder is not None and self.text_transformer is not None
+        if isinstance(texts, str):
+            texts = [texts]
+        features = texts if isinstance(texts, TextFeatures) else self.text_encoder(list(texts))
+        t = self.text_transformer(features.to(self._device())).t_global
+        if batch_size is not None and t.shape[0] != batch_size:
+            raise ValueError(f"got {t.shape[0]} texts for a batch of {batch_size} images")
+        return t
+
+    # ---- images ---------------------------------------------------------------------------
+
+    def _as_pyramid(self, images: Tensor | Sequence[Tensor]) -> list[Tensor]:
+        channels, resolution = self.spec.image_channels, self.spec.resolution
+        if isinstance(images, Tensor):
+            if images.ndim != 4 or images.shape[1:] != (channels, resolution, resolution):
+                raise ValueError(
+                    f"images must be 'b c h w' with shape (b, {channels}, {resolution}, "
+                    f"{resolution}), or the full pyramid; got {tuple(images.shape)}"
+                )
+            return build_pyramid(images, self.levels)
+        pyramid = list(images)
+        check_pyramid(pyramid, self.resolutions, channels)
+        return pyramid
+
+    def forward(
+        self,
+        images: Tensor | Sequence[Tensor],
+        texts: TextInput = None,
+        *,
+        text_embedding: Tensor | None = None,
+    ) -> DiscriminatorOutput:
+        """``D_ij(x, c)`` for every pair ``(i, j)``; see the class docstring for the inputs."""
+        pyramid = self._as_pyramid(images)
+        b = pyramid[0].shape[0]
+        if text_embedding is not None:
+            if texts is not None:
+                raise ValueError("pass texts or text_embedding, not both")
+            if text_embedding.shape != (b, self.spec.text_dim):
+                raise ValueError(
+                    f"text_embedding must have shape (b, text_dim) = ({b}, "
+                    f"{self.spec.text_dim}), got {tuple(text_embedding.shape)}"
+                )
+            t = text_embedding
+        else:
+            t = self.encode_text(texts, batch_size=b)
+
+        logits: dict[tuple[int, int], Tensor] = {}
+        h: Tensor | None = None  # (p b) c r r: paths of input levels 0 .. s-1, level major
+        for s, (from_rgb, stage, head) in enumerate(
+            zip(self.from_rgb, self.stages, self.heads, strict=True)
+        ):
+            entering = from_rgb(pyramid[s])
+            h = entering if h is None else torch.cat([h, entering.to(h.dtype)], dim=0)
+            paths = s + 1
+            h = stage(h, paths)
+            out = head(h, t.repeat(paths, 1))  # (p b) h_j w_j
+            out = out.to(torch.promote_types(out.dtype, torch.float32))
+            for i, d_ij in enumerate(out.split(b, dim=0)):
+                logits[(i, s + 1)] = d_ij
+        return DiscriminatorOutput(logits=logits, resolutions=self.resolutions)
+
+    def extra_repr(self) -> str:
+        return (
+            f"resolutions={list(self.resolutions)}, pairs={len(self.pairs)}, "
+            f"conditional={self.conditional}"
+        )

@@ -1,0 +1,49 @@
+"""Image pyramids: the multi-scale form in which images reach the MS-I/O discriminator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["build_pyramid", "check_pyramid"]
+
+
+def build_pyramid(image: Tensor, levels: int) -> list[Tensor]:
+    """``levels`` images, highest resolution first: ``image`` then repeated 2x2 means.
+
+    ``image: b c h w`` with ``h`` and ``w`` divisible by ``2**(levels - 1)``. A 2x2 mean is
+    the exact area downsampling for a factor of 2, so a real image's pyramid matches how a
+    box-filtered lower-resolution photo would look.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"image must be 'b c h w', got shape {tuple(image.shape)}")
+    if levels < 1:
+        raise ValueError(f"levels must be at least 1, got {levels}")
+    factor = 2 ** (levels - 1)
+    h, w = image.shape[2:]
+    if h % factor or w % factor:
+        raise ValueError(f"a {levels}-level pyramid needs sides divisible by {factor}, got {h}x{w}")
+    pyramid = [image]
+    for _ in range(levels - 1):
+        pyramid.append(F.avg_pool2d(pyramid[-1], 2))
+    return pyramid
+
+
+def check_pyramid(
+    pyramid: Sequence[Tensor], resolutions: Sequence[int], channels: int, name: str = "images"
+) -> None:
+    """Raise a ``ValueError`` naming the level if ``pyramid`` does not match ``resolutions``."""
+    if len(pyramid) != len(resolutions):
+        raise ValueError(
+            f"{name}: expected {len(resolutions)} pyramid levels at resolutions "
+            f"{list(resolutions)}, got {len(pyramid)}"
+        )
+    batch = pyramid[0].shape[0] if pyramid[0].ndim == 4 else None
+    for i, (x, r) in enumerate(zip(pyramid, resolutions, strict=True)):
+        if x.ndim != 4 or x.shape[1:] != (channels, r, r) or x.shape[0] != batch:
+            raise ValueError(
+                f"{name}[{i}]: expected shape (b={batch}, {channels}, {r}, {r}), "
+                f"got {tuple(x.shape)}"
+            )

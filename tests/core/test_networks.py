@@ -1,0 +1,101 @@
+"""Generator and discriminator together; presets; registration of the network components."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gigagan_core.nets.discriminator import MultiScaleDiscriminator
+from gigagan_core.nets.generator import Generator
+from gigagan_core.plugins import get_registry
+from gigagan_core.presets import ModelPreset, load_preset, preset_names, preset_path
+from gigagan_core.specs import SpecFileError
+
+CAPTIONS = ["a red circle", "a blue square on a white background"]
+PAPER_G_PARAMS = 652.5e6  # GigaGAN Sec. 4 ablation, "scale-up" row
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ModelPreset:
+    return load_preset("tiny")
+
+
+def test_presets_are_listed_and_validate():
+    assert preset_names() == ["cpu-demo", "paper-64", "tiny"]
+    for name in preset_names():
+        preset = load_preset(name)
+        assert preset.generator.resolution == preset.discriminator.resolution
+        assert load_preset(preset_path(name)) == preset
+    with pytest.raises(ValueError, match="unknown model preset 'huge'; presets: cpu-demo"):
+        load_preset("huge")
+
+
+def test_bad_preset_file_names_the_field(tmp_path):
+    text = preset_path("tiny").read_text().replace("z_dim = 16", "z_dim = -1")
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(SpecFileError, match=r"generator\.z_dim"):
+        load_preset(tmp_path / "bad.toml")
+
+
+def test_network_kinds_are_registered():
+    registry = get_registry()
+    for role, kind in (
+        ("generator", "gigagan"),
+        ("discriminator", "ms-io"),
+        ("text_encoder", "open-clip"),
+    ):
+        reg = registry.get(role, kind)
+        assert reg.distribution == "gigagan-core"
+        assert reg.description
+
+
+def test_every_pair_sends_gradient_to_every_generator_level_it_reads(tiny):
+    torch.manual_seed(0)
+    g = Generator.from_spec(tiny.generator)
+    d = MultiScaleDiscriminator.from_spec(tiny.discriminator, text_encoder=g.text_encoder)
+    z = torch.randn(2, tiny.generator.z_dim)
+    text = d.encode_text(CAPTIONS).detach()
+    levels = tiny.generator.levels
+    pairs = d(g(z, CAPTIONS).pyramid, text_embedding=text).pairs()
+    n = len(tiny.generator.resolutions)
+    assert pairs == [(i, j) for i in range(n) for j in range(i + 1, n + 1)]
+    for i, j in pairs:
+        g.zero_grad(set_to_none=True)
+        out = d(g(z, CAPTIONS).pyramid, text_embedding=text)
+        out[i, j].mean().backward()
+        res_i = tiny.generator.resolutions[i]
+        for li, level in enumerate(levels):
+            grad = g.synthesis.to_rgb[li].weight.grad
+            uses = level.resolution <= res_i
+            got = grad is not None and grad.abs().sum().item() > 0
+            assert got == uses, (i, j, level.resolution)
+        assert g.mapping.layers[-1].weight.grad.abs().sum() > 0
+
+
+def test_discriminator_judges_generator_pyramid_and_real_images(tiny):
+    torch.manual_seed(0)
+    g = Generator.from_spec(tiny.generator)
+    d = MultiScaleDiscriminator.from_spec(tiny.discriminator, text_encoder=g.text_encoder)
+    fake = d(g(torch.randn(2, tiny.generator.z_dim), CAPTIONS).pyramid, CAPTIONS)
+    real = d(torch.rand(2, 3, 16, 16) * 2 - 1, CAPTIONS)
+    assert fake.pairs() == real.pairs()
+    for key in fake.pairs():
+        assert fake[key].shape == real[key].shape == (2, 16 >> key[1], 16 >> key[1])
+
+
+def test_paper_scale_generator_builds_and_matches_the_paper_size():
+    preset = load_preset("paper-64")
+    with torch.device("meta"):
+        g = Generator.from_spec(preset.generator)
+    trainable = g.num_parameters(trainable_only=True)
+    assert abs(trainable / PAPER_G_PARAMS - 1) < 0.05, trainable
+    assert g.text_encoder.width == 768  # CLIP ViT-L/14 text features
+    assert g.resolutions == (64, 32, 16, 8, 4)
