@@ -62,7 +62,13 @@ def test_train_dry_run_on_the_default_writes_spec_and_sample_grid(capsys, tmp_pa
     out = tmp_path / "run"
     assert main(["train", "--dry-run", "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert "dataset      dataset    synthetic-shapes" in stdout
+    rows = {line.split()[0]: line.split()[1:3] for line in stdout.splitlines()[1:4]}
+    assert rows == {
+        "generator": ["generator", "gigagan"],
+        "discriminator": ["discriminator", "ms-io"],
+        "dataset": ["dataset", "synthetic-shapes"],
+    }
+    assert (out / "initial_samples.png").is_file()
     spec = load_spec(out / "spec.json", RunSpec)
     assert spec == load_spec(preset_path("demo"), RunSpec)
     grid = Image.open(out / "real_samples.png")

@@ -96,12 +96,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     run, folder = dry_run(spec, args.out)
     print(f"spec {path}: valid")
+    width = max(len(item.path) for item in run.summary)
+    role_width = max(len(item.role) for item in run.summary)
     for item in run.summary:
         print(
-            f"  {item.path:<12} {item.role:<10} {item.kind:<22} {item.source:<26} "
-            f"{item.parameters:,} parameters"
+            f"  {item.path:<{width}} {item.role:<{role_width}} {item.kind:<22} "
+            f"{item.source:<26} {item.parameters:,} trainable parameters"
         )
-    print(f"wrote {folder / 'spec.json'} and {folder / 'real_samples.png'}")
+    written = ", ".join(p.name for p in sorted(folder.iterdir()) if p.is_file())
+    print(f"wrote {written} to {folder}")
     return 0
 
 

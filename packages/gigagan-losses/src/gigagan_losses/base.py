@@ -1,0 +1,231 @@
+"""The one interface every loss implements, built-in or third-party.
+
+A training step builds one :class:`LossContext` per phase (``"G"``: update the generator;
+``"D"``: update the discriminator) and asks each loss for its terms in that phase::
+
+    ctx = LossContext(phase="D", step=step, real=images, texts=captions,
+                      generator=G, discriminator=D, fake_pyramid=G(z, captions).pyramid)
+    total = sum(loss.weight * sum(loss(ctx).values()) for loss in losses if loss.active(ctx))
+
+A loss is a :class:`Loss` subclass with a spec (a :class:`LossSpec` subclass, so it has a
+``weight``) that
+
+- declares the phases it contributes to in ``phases`` (``{"G"}``, ``{"D"}`` or both),
+- implements :meth:`Loss.generator_terms` and/or :meth:`Loss.discriminator_terms`, each
+  returning **named, unweighted scalar terms** (``{"adv_fake": tensor(...)}``); the trainer
+  multiplies their sum by the spec's ``weight`` and logs each term by name,
+- may override :meth:`Loss.active` to skip steps (lazy regularisation).
+
+The context computes the expensive shared things (discriminator outputs on real and fake
+images, the text embedding, the mismatched-caption outputs) on first use and caches them, so
+five losses that all read ``ctx.d_fake`` cost one discriminator pass. In the ``"D"`` phase
+the fake pyramid is detached; in the ``"G"`` phase it carries the generator's graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from gigagan_core.nets.pyramid import build_pyramid
+from gigagan_core.nets.text_features import TextFeatures
+from gigagan_core.specs import ComponentSpec
+
+__all__ = ["Loss", "LossContext", "LossSpec", "Phase"]
+
+Phase = Literal["G", "D"]
+
+
+class LossSpec(ComponentSpec):
+    """Base of every loss spec: ``role = "loss"`` and a ``weight``."""
+
+    role: ClassVar[str] = "loss"
+    weight: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="Multiplier of this loss in the total."
+    )
+
+
+class LossContext:
+    """Everything a training step has, with lazily computed and cached shared quantities.
+
+    Inputs (``b`` samples):
+
+    - ``phase``: ``"G"`` or ``"D"``; ``step``: the training step index (0-based).
+    - ``real``: ``b c H W`` real images in [-1, 1]; ``texts``: their ``b`` captions (or
+      ``None`` for unconditional training).
+    - ``generator``, ``discriminator``: the networks (``discriminator`` is called as
+      ``D(pyramid, text_embedding=t)`` and exposes ``encode_text`` and ``levels``).
+    - ``fake_pyramid``: the generator's images for ``texts``, highest resolution first;
+      detached here in the ``"D"`` phase.
+    - ``text_features``: the frozen encoder's output for ``texts`` if the step has it
+      (losses that need captions in another form read ``texts``).
+    - ``extras``: free-form values a trainer or plugin wants to pass along.
+
+    Cached on first use: :attr:`real_pyramid`, :attr:`text_embedding`, :attr:`d_real`,
+    :attr:`d_fake`, :attr:`d_real_mismatched`, :attr:`d_fake_mismatched`; and anything a
+    loss stores through :meth:`cached`.
+    """
+
+    def __init__(
+        self,
+        *,
+        phase: Phase,
+        step: int,
+        real: Tensor,
+        texts: Sequence[str] | None,
+        generator: nn.Module | None,
+        discriminator: nn.Module,
+        fake_pyramid: Sequence[Tensor],
+        text_features: TextFeatures | None = None,
+        extras: dict[str, Any] | None = None,
+    ) -> None:
+        if phase not in ("G", "D"):
+            raise ValueError(f"phase must be 'G' or 'D', got {phase!r}")
+        if texts is not None and len(texts) != real.shape[0]:
+            raise ValueError(f"{real.shape[0]} real images but {len(texts)} captions")
+        self.phase: Phase = phase
+        self.step = step
+        self.real = real
+        self.texts = list(texts) if texts is not None else None
+        self.generator = generator
+        self.discriminator = discriminator
+        pyramid = list(fake_pyramid)
+        self.fake_pyramid = [x.detach() for x in pyramid] if phase == "D" else pyramid
+        self.text_features = text_features
+        self.extras = dict(extras or {})
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def batch_size(self) -> int:
+        return self.real.shape[0]
+
+    @property
+    def fake(self) -> Tensor:
+        """The generated images at full resolution (``fake_pyramid[0]``)."""
+        return self.fake_pyramid[0]
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per context under ``key``; later calls return the same value."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    @property
+    def real_pyramid(self) -> list[Tensor]:
+        """The real images as a pyramid with as many levels as the fake one."""
+        return self.cached("real_pyramid", lambda: build_pyramid(self.real, len(self.fake_pyramid)))
+
+    @property
+    def text_embedding(self) -> Tensor | None:
+        """The discriminator's text embedding ``t_D`` of ``texts`` (``None`` if unconditional).
+
+        In the ``"D"`` phase it carries gradients into the discriminator's text branch; in
+        the ``"G"`` phase it is computed the same way (the generator's optimiser never sees
+        the discriminator's parameters).
+        """
+
+        def compute() -> Tensor | None:
+            if not getattr(self.discriminator, "conditional", self.texts is not None):
+                return None
+            source = self.text_features if self.text_features is not None else self.texts
+            return self.discriminator.encode_text(source, batch_size=self.batch_size)
+
+        return self.cached("text_embedding", compute)
+
+    def mismatched_text_embedding(self, shifts: int = 1) -> Tensor:
+        """``t_D`` rolled along the batch so that no image keeps its own caption (Eq. 8)."""
+        t = self.text_embedding
+        if t is None:
+            raise ValueError("mismatched captions need a text-conditional discriminator")
+        if self.batch_size < 2:
+            raise ValueError("mismatched captions need a batch of at least 2")
+        if shifts % self.batch_size == 0:
+            raise ValueError(f"shifts={shifts} leaves every caption with its own image")
+        return torch.roll(t, shifts, dims=0)
+
+    def discriminate(self, pyramid: Sequence[Tensor], text_embedding: Tensor | None) -> Any:
+        """One discriminator pass (not cached): ``D(pyramid, text_embedding=t)``."""
+        return self.discriminator(list(pyramid), text_embedding=text_embedding)
+
+    @property
+    def d_real(self) -> Any:
+        """Discriminator output on real images with their own captions."""
+        return self.cached(
+            "d_real", lambda: self.discriminate(self.real_pyramid, self.text_embedding)
+        )
+
+    @property
+    def d_fake(self) -> Any:
+        """Discriminator output on the generated pyramid with its captions."""
+        return self.cached(
+            "d_fake", lambda: self.discriminate(self.fake_pyramid, self.text_embedding)
+        )
+
+    @property
+    def d_real_mismatched(self) -> Any:
+        """Discriminator output on real images paired with rolled (wrong) captions."""
+        return self.cached(
+            "d_real_mismatched",
+            lambda: self.discriminate(self.real_pyramid, self.mismatched_text_embedding()),
+        )
+
+    @property
+    def d_fake_mismatched(self) -> Any:
+        """Discriminator output on generated images paired with rolled (wrong) captions."""
+        return self.cached(
+            "d_fake_mismatched",
+            lambda: self.discriminate(self.fake_pyramid, self.mismatched_text_embedding()),
+        )
+
+
+class Loss(nn.Module):
+    """Base class of every loss. See the module docstring for the contract.
+
+    Subclasses set ``phases`` and override the ``*_terms`` methods of those phases. The
+    module may own trainable parameters (e.g. vision-aided discriminator heads); the
+    trainer gives the parameters of losses active in phase ``"D"`` to the discriminator's
+    optimiser.
+    """
+
+    phases: ClassVar[frozenset[Phase]] = frozenset()
+
+    def __init__(self, spec: LossSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    @classmethod
+    def from_spec(cls, spec: LossSpec, **runtime: Any) -> Loss:
+        return cls(spec, **runtime)
+
+    @property
+    def weight(self) -> float:
+        return self.spec.weight
+
+    def active(self, ctx: LossContext) -> bool:
+        """Whether this loss contributes at this step and phase (default: its phases)."""
+        return ctx.phase in self.phases
+
+    def generator_terms(self, ctx: LossContext) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no generator terms")
+
+    def discriminator_terms(self, ctx: LossContext) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no discriminator terms")
+
+    def forward(self, ctx: LossContext) -> dict[str, Tensor]:
+        """The named, unweighted terms of ``ctx.phase`` (empty if inactive)."""
+        if not self.active(ctx):
+            return {}
+        if ctx.phase == "G":
+            return self.generator_terms(ctx)
+        return self.discriminator_terms(ctx)
+
+    def weighted_total(self, ctx: LossContext) -> Tensor | None:
+        """``weight * sum(terms)``, or ``None`` when the loss has nothing this step."""
+        terms = self(ctx)
+        if not terms:
+            return None
+        return self.weight * torch.stack([t.float() for t in terms.values()]).sum()
