@@ -121,3 +121,82 @@ def test_cli_trains_from_a_spec_naming_the_plugin_and_autoload_switch_removes_it
     assert "gigagan-example-plugin" not in {
         row["distribution"] for row in json.loads(listed_off.stdout)
     }
+
+
+def _tiny_step_context(phase: str, same_images: bool = False):
+    import torch
+
+    from gigagan_core.nets import Generator, MultiScaleDiscriminator
+    from gigagan_core.presets import load_preset
+    from gigagan_losses.base import LossContext
+
+    torch.manual_seed(0)
+    preset = load_preset("tiny")
+    g = Generator.from_spec(preset.generator)
+    d = MultiScaleDiscriminator.from_spec(preset.discriminator, text_encoder=g.text_encoder)
+    captions = ["a red circle", "a blue square", "a green star"]
+    fake = g(torch.randn(3, g.z_dim), captions).pyramid
+    real = fake[0].detach() if same_images else torch.rand(3, 3, 16, 16) * 2 - 1
+    ctx = LossContext(
+        phase=phase,
+        step=0,
+        real=real,
+        texts=captions,
+        generator=g,
+        discriminator=d,
+        fake_pyramid=fake,
+    )
+    return g, ctx
+
+
+def test_spec_names_losses_from_this_repo_and_the_plugin(example_on_path):
+    import torch
+
+    from gigagan_losses.base import Loss
+
+    with use_registry(load_registry()):
+        spec = RunSpec.model_validate(
+            {
+                "model_preset": "tiny",
+                "losses": [
+                    {"kind": "adversarial"},
+                    {"kind": "example-feature-matching", "weight": 0.5, "channels": 8},
+                ],
+            }
+        )
+        losses = [loss.build() for loss in spec.losses]
+        with pytest.raises(ValueError, match="installed loss kinds: adversarial, ") as err:
+            RunSpec.model_validate({"losses": [{"kind": "perceptual-magic"}]})
+        assert "example-feature-matching" in str(err.value)
+    adversarial, matching = losses
+    assert isinstance(matching, Loss) and matching.weight == 0.5
+    assert type(matching).__module__ == "gigagan_example_plugin.feature_matching"
+
+    g, ctx = _tiny_step_context("G")
+    terms = matching(ctx)
+    assert set(terms) == {"feature_matching_16px", "feature_matching_8px", "feature_matching_4px"}
+    # hand-computed at the top level: squared distance of mean random-conv features
+    feats = lambda x: torch.relu(  # noqa: E731
+        torch.nn.functional.conv2d(x, matching.filters, padding=1)
+    ).mean((0, 2, 3))
+    expected = (feats(ctx.fake) - feats(ctx.real)).square().sum()
+    torch.testing.assert_close(terms["feature_matching_16px"], expected)
+    total = adversarial.weighted_total(ctx) + matching.weighted_total(ctx)
+    total.backward()
+    assert g.synthesis.to_rgb[-1].weight.grad.abs().sum() > 0
+    assert matching(ctx.__class__(**{**_ctx_kwargs(ctx), "phase": "D"})) == {}
+
+    _, same = _tiny_step_context("G", same_images=True)
+    assert matching(same)["feature_matching_16px"].item() == 0.0
+
+
+def _ctx_kwargs(ctx) -> dict:
+    return {
+        "phase": ctx.phase,
+        "step": ctx.step,
+        "real": ctx.real,
+        "texts": ctx.texts,
+        "generator": ctx.generator,
+        "discriminator": ctx.discriminator,
+        "fake_pyramid": ctx.fake_pyramid,
+    }

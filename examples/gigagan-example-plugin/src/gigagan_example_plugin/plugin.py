@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from gigagan_core.plugins import Component, hookimpl
 from gigagan_example_plugin.checkerboard import Checkerboard, CheckerboardSpec
+from gigagan_example_plugin.feature_matching import FeatureMatching, FeatureMatchingSpec
 
 
 @hookimpl
 def gigagan_components() -> list[Component]:
-    return [Component(spec=CheckerboardSpec, factory=Checkerboard)]
+    return [
+        Component(spec=CheckerboardSpec, factory=Checkerboard),
+        Component(spec=FeatureMatchingSpec, factory=FeatureMatching),
+    ]

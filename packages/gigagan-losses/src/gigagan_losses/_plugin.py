@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 from gigagan_core.plugins import Component, hookimpl
+from gigagan_losses.adversarial import (
+    AdversarialLoss,
+    AdversarialLossSpec,
+    MatchingAwareLoss,
+    MatchingAwareLossSpec,
+    R1Penalty,
+    R1PenaltySpec,
+)
 
 
 @hookimpl
 def gigagan_components() -> list[Component]:
-    return []
+    return [
+        Component(spec=AdversarialLossSpec, factory=AdversarialLoss),
+        Component(spec=R1PenaltySpec, factory=R1Penalty),
+        Component(spec=MatchingAwareLossSpec, factory=MatchingAwareLoss),
+    ]
