@@ -11,6 +11,7 @@ from gigagan_losses.adversarial import (
     R1Penalty,
     R1PenaltySpec,
 )
+from gigagan_losses.lpips import LPIPSLoss, LPIPSLossSpec
 
 
 @hookimpl
@@ -19,4 +20,5 @@ def gigagan_components() -> list[Component]:
         Component(spec=AdversarialLossSpec, factory=AdversarialLoss),
         Component(spec=R1PenaltySpec, factory=R1Penalty),
         Component(spec=MatchingAwareLossSpec, factory=MatchingAwareLoss),
+        Component(spec=LPIPSLossSpec, factory=LPIPSLoss),
     ]
