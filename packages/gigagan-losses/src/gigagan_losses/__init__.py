@@ -1,10 +1,47 @@
-"""gigagan-losses: GigaGAN's training objectives, registered as ``loss`` components."""
+"""gigagan-losses: GigaGAN's training objectives, registered as ``loss`` components.
+
+Every loss implements :class:`~gigagan_losses.base.Loss` (see ``base.py`` for the contract)
+and has a spec with a ``weight``; a run spec names them by ``kind``.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
+
+from gigagan_losses.adversarial import (
+    AdversarialLoss,
+    AdversarialLossSpec,
+    MatchingAwareLoss,
+    MatchingAwareLossSpec,
+    R1Penalty,
+    R1PenaltySpec,
+    lazy_regularization_adam,
+)
+from gigagan_losses.base import Loss, LossContext, LossSpec
+from gigagan_losses.clip_loss import CLIPContrastiveLoss, CLIPContrastiveLossSpec
+from gigagan_losses.lpips import LPIPS, LPIPSLoss, LPIPSLossSpec
+from gigagan_losses.vision_aided import VisionAidedLoss, VisionAidedLossSpec
 
 try:
     __version__ = version("gigagan-losses")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "LPIPS",
+    "AdversarialLoss",
+    "AdversarialLossSpec",
+    "CLIPContrastiveLoss",
+    "CLIPContrastiveLossSpec",
+    "LPIPSLoss",
+    "LPIPSLossSpec",
+    "Loss",
+    "LossContext",
+    "LossSpec",
+    "MatchingAwareLoss",
+    "MatchingAwareLossSpec",
+    "R1Penalty",
+    "R1PenaltySpec",
+    "VisionAidedLoss",
+    "VisionAidedLossSpec",
+    "__version__",
+    "lazy_regularization_adam",
+]

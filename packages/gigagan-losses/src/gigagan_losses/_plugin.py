@@ -11,7 +11,9 @@ from gigagan_losses.adversarial import (
     R1Penalty,
     R1PenaltySpec,
 )
+from gigagan_losses.clip_loss import CLIPContrastiveLoss, CLIPContrastiveLossSpec
 from gigagan_losses.lpips import LPIPSLoss, LPIPSLossSpec
+from gigagan_losses.vision_aided import VisionAidedLoss, VisionAidedLossSpec
 
 
 @hookimpl
@@ -20,5 +22,7 @@ def gigagan_components() -> list[Component]:
         Component(spec=AdversarialLossSpec, factory=AdversarialLoss),
         Component(spec=R1PenaltySpec, factory=R1Penalty),
         Component(spec=MatchingAwareLossSpec, factory=MatchingAwareLoss),
+        Component(spec=CLIPContrastiveLossSpec, factory=CLIPContrastiveLoss),
+        Component(spec=VisionAidedLossSpec, factory=VisionAidedLoss),
         Component(spec=LPIPSLossSpec, factory=LPIPSLoss),
     ]
