@@ -11,6 +11,7 @@ from gigagan_core.plugins import (
     Component,
     PluginConflictError,
     PluginLoadError,
+    Registry,
     UnknownComponentError,
     get_registry,
     hookimpl,
@@ -230,6 +231,13 @@ def test_unknown_kind_and_role_errors_list_what_is_installed():
     )
     with pytest.raises(UnknownComponentError) as err:
         registry.get("loss", "hinge")
+    assert str(err.value) == (
+        "unknown loss kind 'hinge'; installed loss kinds: adversarial, clip-contrastive, lpips, "
+        "matching-aware, r1, vision-aided"
+    )
+    empty = Registry()
+    with pytest.raises(UnknownComponentError) as err:
+        empty.get("loss", "hinge")
     assert str(err.value) == "unknown loss kind 'hinge'; installed loss kinds: (none)"
     with pytest.raises(UnknownComponentError) as err:
         registry.list_components("optimizer")

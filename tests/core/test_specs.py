@@ -161,6 +161,7 @@ def test_full_json_schema_covers_every_role_with_components():
         "discriminator",
         "generator",
         "layer",
+        "loss",
         "text_encoder",
         "upsampler",
     }
