@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from gigagan_core.plugins import ALLOWLIST_ENV, AUTOLOAD_ENV, reset_registry
 
@@ -22,6 +23,16 @@ def _clean_plugin_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     reset_registry()
     yield
     reset_registry()
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread per test: the tensors are tiny, and pytest-xdist already runs one
+    worker per core, so more threads would only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 DistFactory = Callable[..., Path]

@@ -92,14 +92,6 @@ def _registry_with_fake_encoder() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _spec(**overrides) -> MultiScaleDiscriminatorSpec:
     fields = {
         "resolution": 32,

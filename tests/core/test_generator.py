@@ -19,14 +19,6 @@ from gigagan_core.pretrained import PretrainedError
 CAPTIONS = ["a red circle on a blue background", "two green squares"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _wake_noise(g: Generator) -> None:
     # Noise strengths start at 0; make them matter so determinism tests can fail.
     with torch.no_grad():

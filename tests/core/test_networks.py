@@ -15,14 +15,6 @@ CAPTIONS = ["a red circle", "a blue square on a white background"]
 PAPER_G_PARAMS = 652.5e6  # GigaGAN Sec. 4 ablation, "scale-up" row
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> ModelPreset:
     return load_preset("tiny")

@@ -44,15 +44,6 @@ SOT, EOT = 49406, 49407
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread avoids thread-sync stalls on busy CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _perturbed(model: nn.Module, seed: int) -> nn.Module:
     """``model`` with every parameter nudged, so LayerNorm scales and biases are not 1 and 0.
 

@@ -9,7 +9,7 @@ mean and the caption's value, so every expected loss is computed here with ``mat
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -35,15 +35,6 @@ from gigagan_losses.adversarial import (
     lazy_regularization_adam,
 )
 from gigagan_losses.base import LossContext, Phase
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---- the stub discriminator -----------------------------------------------------------------
 

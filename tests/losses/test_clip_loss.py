@@ -35,15 +35,6 @@ CAPTIONS = ["a red cube", "a photo of a cat", "waves at dusk"]
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread avoids thread-sync stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class _StubDiscriminator(nn.Module):
     conditional = True
 

@@ -5,7 +5,6 @@ through a LossContext. Random weights throughout; nothing is downloaded."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,6 @@ from gigagan_losses.lpips import (
 )
 
 SIZE = 32
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def images(n: int, seed: int, size: int = SIZE) -> Tensor:

@@ -48,15 +48,6 @@ BACKBONES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread avoids thread-sync stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class _StubDiscriminator(nn.Module):
     """Just enough of a discriminator for a LossContext: a fixed (trainable) t_D."""
 

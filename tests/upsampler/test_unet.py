@@ -303,7 +303,9 @@ def test_registry_builds_the_upsampler_and_shares_a_text_encoder(local_spec):
     assert isinstance(model, GigaGANUpsampler)
     shared = GigaGANUpsampler.from_spec(spec, text_encoder=model.text_encoder)
     assert shared.text_encoder is model.text_encoder
-    with pytest.raises(ValueError, match="unconditional upsampler; got a text_encoder"):
+    with pytest.raises(
+        ValueError, match=r"unconditional upsampler \(text_encoder is null\); got a text_encoder"
+    ):
         GigaGANUpsampler.from_spec(
             local_spec(text_encoder=None, up_levels=[{"channels": 4}] * 3),
             text_encoder=model.text_encoder,

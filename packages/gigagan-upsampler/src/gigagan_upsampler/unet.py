@@ -34,7 +34,6 @@ its whole input, so in tiled mode it sees only its tile.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -47,11 +46,8 @@ from torch import Tensor, nn
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
 from gigagan_core.layers.attention import L2CrossAttention, L2SelfAttention
 from gigagan_core.layers.equalized import EqualizedConv2d, EqualizedLinear
-from gigagan_core.nets.conditioning import TextConditioning, TextTransformer
-from gigagan_core.nets.mapping import MappingNetwork, truncate
-from gigagan_core.nets.text_features import TextFeatures
-from gigagan_core.pretrained import PretrainedMixin
-from gigagan_core.specs import AnyTextEncoder, ComponentSpec
+from gigagan_core.nets.conditioning import TextConditioning
+from gigagan_core.nets.styled import StyledNetwork, StyledNetworkSpec, TextInput
 from gigagan_upsampler.noise import PixelNoise
 
 if TYPE_CHECKING:
@@ -67,7 +63,6 @@ __all__ = [
 ]
 
 NoiseMode = Literal["random", "none"]
-TextInput = Sequence[str] | str | TextFeatures | TextConditioning | None
 
 _RESIDUAL_SCALE = math.sqrt(0.5)
 
@@ -138,7 +133,7 @@ def _default_up() -> tuple[UNetLevel, ...]:
     )
 
 
-class UpsamplerSpec(ComponentSpec):
+class UpsamplerSpec(StyledNetworkSpec):
     """Spec of :class:`GigaGANUpsampler`: text path, mapping network, asymmetric U-Net."""
 
     role: ClassVar[str] = "upsampler"
@@ -152,24 +147,7 @@ class UpsamplerSpec(ComponentSpec):
         description="Side of the low-resolution training crops (a power of two). It fixes "
         "the pyramid resolutions the discriminator sees; inference takes any size.",
     )
-    image_channels: int = Field(3, ge=1, description="Channels of the input and output images.")
-    z_dim: int = Field(128, ge=1, description="Latent width.")
-    w_dim: int = Field(512, ge=1, description="Style vector width.")
-    text_encoder: AnyTextEncoder | None = Field(
-        None,
-        description="Frozen text encoder (e.g. kind 'open-clip'); null builds an "
-        "unconditional upsampler.",
-    )
-    text_dim: int = Field(512, ge=1, description="Width of t = T(E_txt(c)).")
     text_layers: int = Field(2, ge=0, description="Learned attention blocks in T.")
-    text_heads: int = Field(8, ge=1, description="Heads of T's attention layers.")
-    mapping_layers: int = Field(4, ge=1, description="MLP layers of the mapping network M.")
-    mapping_lr_multiplier: float = Field(
-        0.01, gt=0, description="Equalised-lr multiplier of M (StyleGAN2: 0.01)."
-    )
-    w_avg_beta: float = Field(
-        0.995, ge=0, le=1, description="EMA decay of w_avg, tracked while training."
-    )
     down_levels: tuple[UNetLevel, ...] = Field(
         default_factory=_default_down,
         description="Down path, from the input resolution down; each level halves it "
@@ -202,16 +180,6 @@ class UpsamplerSpec(ComponentSpec):
         "With input_skip, a small value starts the upsampler close to bilinear upsampling "
         "of its input instead of adding a large random residual.",
     )
-    style_token: bool = Field(
-        True, description="Self-attention also attends to w as one extra token (Eq. 5)."
-    )
-    residual_gain: float = Field(
-        0.5, ge=0, description="Gain of every attention branch in its residual sum (< 1)."
-    )
-    conv_clamp: float | None = Field(
-        None, gt=0, description="Clamp conv outputs to +-conv_clamp (StyleGAN2 uses 256 with fp16)."
-    )
-    fused: bool = Field(True, description="Grouped-conv / SDPA fast paths (false: references).")
 
     @model_validator(mode="after")
     def _check(self) -> UpsamplerSpec:
@@ -406,7 +374,7 @@ class _UNetBlock(nn.Module):
         return x
 
 
-class GigaGANUpsampler(PretrainedMixin, nn.Module):
+class GigaGANUpsampler(StyledNetwork):
     """GigaGAN's text-conditioned asymmetric U-Net upsampler; see the module docstring.
 
     ``upsampler(low_res, texts)`` takes ``b 3 h w`` images in [-1, 1] (``h`` and ``w``
@@ -428,31 +396,13 @@ class GigaGANUpsampler(PretrainedMixin, nn.Module):
     """
 
     spec_class: ClassVar[type[UpsamplerSpec]] = UpsamplerSpec
+    network_name: ClassVar[str] = "upsampler"
     spec: UpsamplerSpec
 
     def __init__(self, spec: UpsamplerSpec, text_encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.spec = spec
-        if spec.text_encoder is None and text_encoder is not None:
-            raise ValueError("the spec describes an unconditional upsampler; got a text_encoder")
-        if spec.text_encoder is not None and text_encoder is None:
-            text_encoder = spec.text_encoder.build()
-        if text_encoder is not None and not isinstance(getattr(text_encoder, "width", None), int):
-            raise TypeError("the text encoder must have an integer 'width' (token feature width)")
-        self.text_encoder = text_encoder
-        self.text_transformer = (
-            TextTransformer(text_encoder.width, spec.text_dim, spec.text_layers, spec.text_heads)
-            if text_encoder is not None
-            else None
-        )
-        self.mapping = MappingNetwork(
-            spec.z_dim,
-            spec.text_dim if text_encoder is not None else 0,
-            spec.w_dim,
-            spec.mapping_layers,
-            lr_multiplier=spec.mapping_lr_multiplier,
-            w_avg_beta=spec.w_avg_beta,
-        )
+        self._build_text_and_mapping(spec, text_encoder)
 
         self.stem = EqualizedConv2d(
             spec.image_channels, spec.down_levels[0].channels, 3, activation="lrelu"
@@ -509,18 +459,7 @@ class GigaGANUpsampler(PretrainedMixin, nn.Module):
             for to_rgb in self.to_rgb:
                 to_rgb.weight.mul_(spec.rgb_init_scale)
 
-    @classmethod
-    def from_spec(
-        cls, spec: UpsamplerSpec, text_encoder: nn.Module | None = None
-    ) -> GigaGANUpsampler:
-        """Build the upsampler ``spec`` describes (sharing ``text_encoder`` if given)."""
-        return cls(spec, text_encoder=text_encoder)
-
     # ---- properties -----------------------------------------------------------------------
-
-    @property
-    def conditional(self) -> bool:
-        return self.text_encoder is not None
 
     @property
     def scale(self) -> int:
@@ -537,19 +476,8 @@ class GigaGANUpsampler(PretrainedMixin, nn.Module):
         return self.spec.resolutions
 
     @property
-    def z_dim(self) -> int:
-        return self.spec.z_dim
-
-    @property
     def has_self_attention(self) -> bool:
         return any(lv.self_attention for lv in (*self.spec.down_levels, *self.spec.up_levels))
-
-    def _device(self) -> torch.device:
-        return self.stem.weight.device
-
-    def num_parameters(self, *, trainable_only: bool = False) -> int:
-        """Parameter count (``trainable_only`` leaves out the frozen text encoder)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def receptive_radius(self) -> float | None:
         """A bound, in input pixels, on how far an output pixel reaches into the input.
@@ -590,53 +518,6 @@ class GigaGANUpsampler(PretrainedMixin, nn.Module):
             if self.spec.input_skip:
                 rgb = max(rgb, 1.0, p)
         return rgb
-
-    # ---- text and styles ------------------------------------------------------------------
-
-    def encode_text(
-        self, texts: TextInput, batch_size: int | None = None
-    ) -> TextConditioning | None:
-        """Captions (or their features) to the conditioning the network reads.
-
-        ``None`` gives ``None`` for an unconditional upsampler and the empty caption
-        (repeated ``batch_size`` times) for a conditional one.
-        """
-        if isinstance(texts, TextConditioning):
-            return texts
-        if not self.conditional:
-            if texts is not None:
-                raise ValueError("this upsampler is unconditional; it takes no text")
-            return None
-        assert self.text_encoder is not None and self.text_transformer is not None
-        if texts is None:
-            if batch_size is None:
-                raise ValueError("pass batch_size to encode the empty caption")
-            texts = [""] * batch_size
-        elif isinstance(texts, str):
-            texts = [texts]
-        features = texts if isinstance(texts, TextFeatures) else self.text_encoder(list(texts))
-        return self.text_transformer(features.to(self._device()))
-
-    def map(
-        self,
-        z: Tensor,
-        text: TextConditioning | None,
-        *,
-        psi: float | Tensor = 1.0,
-        update_w_avg: bool | None = None,
-    ) -> Tensor:
-        """``w = M(z, t_global)``, truncated by ``psi``; ``b z_dim`` to ``b w_dim``.
-
-        ``update_w_avg`` defaults to ``self.training``.
-        """
-        if update_w_avg is None:
-            update_w_avg = self.training
-        c = text.t_global if text is not None else None
-        return self.mapping(z, c, psi=psi, update_w_avg=update_w_avg)
-
-    def truncate(self, w: Tensor, psi: float | Tensor) -> Tensor:
-        """``w_avg + psi (w - w_avg)``."""
-        return truncate(w, self.mapping.w_avg, psi)
 
     # ---- forward --------------------------------------------------------------------------
 

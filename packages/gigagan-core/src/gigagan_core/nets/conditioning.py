@@ -8,6 +8,7 @@ padding masked out, which the cross-attention layers read).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +17,7 @@ from gigagan_core.layers.attention import L2SelfAttention
 from gigagan_core.layers.equalized import EqualizedLinear
 from gigagan_core.nets.text_features import TextFeatures
 
-__all__ = ["TextConditioning", "TextTransformer", "split_global_local"]
+__all__ = ["TextConditioning", "TextTransformer", "build_text_path", "split_global_local"]
 
 
 @dataclass(frozen=True)
@@ -144,3 +145,32 @@ class TextTransformer(nn.Module):
             x = block(x, features.mask)
         x = self.norm(x)
         return split_global_local(x, features.mask, features.eot_index)
+
+
+def build_text_path(
+    encoder_spec: Any,
+    text_encoder: nn.Module | None,
+    text_dim: int,
+    text_layers: int,
+    text_heads: int,
+    owner: str,
+) -> tuple[nn.Module | None, TextTransformer | None]:
+    """The frozen encoder and learned ``T`` of a network whose spec names ``encoder_spec``.
+
+    A passed ``text_encoder`` is shared (e.g. between generator and discriminator);
+    otherwise the spec's encoder is built through the plugin registry. ``encoder_spec=None``
+    is an unconditional network: ``(None, None)``. ``owner`` names the network in errors.
+    """
+    if encoder_spec is None and text_encoder is not None:
+        raise ValueError(
+            f"the spec describes an unconditional {owner} (text_encoder is null); "
+            "got a text_encoder"
+        )
+    if encoder_spec is not None and text_encoder is None:
+        text_encoder = encoder_spec.build()
+    if text_encoder is None:
+        return None, None
+    width = getattr(text_encoder, "width", None)
+    if not isinstance(width, int):
+        raise TypeError("the text encoder must have an integer 'width' (token feature width)")
+    return text_encoder, TextTransformer(width, text_dim, text_layers, text_heads)

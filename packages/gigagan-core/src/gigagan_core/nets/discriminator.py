@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
 from gigagan_core.layers.attention import L2SelfAttention
 from gigagan_core.layers.equalized import EqualizedConv2d
-from gigagan_core.nets.conditioning import TextTransformer
+from gigagan_core.nets.conditioning import build_text_path
 from gigagan_core.nets.pyramid import build_pyramid, check_pyramid
 from gigagan_core.nets.text_features import TextFeatures
 from gigagan_core.pretrained import PretrainedMixin
@@ -377,26 +377,19 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
     ) -> None:
         super().__init__()
         self.spec = spec
-        if spec.text_encoder is None and text_encoder is not None:
-            raise ValueError(
-                "the spec describes an unconditional discriminator (text_encoder is null); "
-                "got a text_encoder"
-            )
-        if spec.text_encoder is not None and text_encoder is None:
-            text_encoder = spec.text_encoder.build()
-        if text_encoder is not None and not isinstance(getattr(text_encoder, "width", None), int):
-            raise TypeError("the text encoder must have an integer 'width' (token feature width)")
         # A shared encoder (e.g. the generator's) is registered here too, so the checkpoint
         # of this module is complete on its own.
-        self.text_encoder = text_encoder
-        self.text_transformer = (
-            TextTransformer(text_encoder.width, spec.text_dim, spec.text_layers, spec.text_heads)
-            if text_encoder is not None
-            else None
+        self.text_encoder, self.text_transformer = build_text_path(
+            spec.text_encoder,
+            text_encoder,
+            spec.text_dim,
+            spec.text_layers,
+            spec.text_heads,
+            "discriminator",
         )
         # Unit-variance init: the same scale as the LayerNorm-ed t_D of a conditional model.
         self.text_constant = (
-            nn.Parameter(torch.randn(spec.text_dim)) if text_encoder is None else None
+            nn.Parameter(torch.randn(spec.text_dim)) if self.text_encoder is None else None
         )
 
         resolutions = spec.resolutions

@@ -31,11 +31,8 @@ from torch import Tensor, nn
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
 from gigagan_core.layers.attention import L2CrossAttention, L2SelfAttention
 from gigagan_core.layers.equalized import EqualizedLinear
-from gigagan_core.nets.conditioning import TextConditioning, TextTransformer
-from gigagan_core.nets.mapping import MappingNetwork, truncate
-from gigagan_core.nets.text_features import TextFeatures
-from gigagan_core.pretrained import PretrainedMixin
-from gigagan_core.specs import AnyTextEncoder, ComponentSpec
+from gigagan_core.nets.conditioning import TextConditioning
+from gigagan_core.nets.styled import StyledNetwork, StyledNetworkSpec, TextInput
 
 __all__ = [
     "Generator",
@@ -47,7 +44,6 @@ __all__ = [
 ]
 
 NoiseMode = Literal["random", "none"]
-TextInput = Sequence[str] | str | TextFeatures | TextConditioning | None
 
 
 class SynthesisLevel(BaseModel):
@@ -90,47 +86,17 @@ def _default_levels() -> tuple[SynthesisLevel, ...]:
     )
 
 
-class GeneratorSpec(ComponentSpec):
+class GeneratorSpec(StyledNetworkSpec):
     """Spec of :class:`Generator`: text path, mapping network and per-resolution synthesis."""
 
     role: ClassVar[str] = "generator"
     kind: Literal["gigagan"] = "gigagan"
 
-    z_dim: int = Field(128, ge=1, description="Latent width (128 in the paper).")
-    w_dim: int = Field(512, ge=1, description="Style vector width.")
-    text_encoder: AnyTextEncoder | None = Field(
-        None,
-        description="Frozen text encoder (e.g. kind 'open-clip'); null builds an "
-        "unconditional generator.",
-    )
-    text_dim: int = Field(512, ge=1, description="Width of t = T(E_txt(c)).")
-    text_layers: int = Field(4, ge=0, description="Learned attention blocks in T.")
-    text_heads: int = Field(8, ge=1, description="Heads of T's attention layers.")
-    mapping_layers: int = Field(4, ge=1, description="MLP layers of the mapping network M.")
-    mapping_lr_multiplier: float = Field(
-        0.01, gt=0, description="Equalised-lr multiplier of M (StyleGAN2: 0.01)."
-    )
-    w_avg_beta: float = Field(
-        0.995, ge=0, le=1, description="EMA decay of w_avg, tracked while training."
-    )
     levels: tuple[SynthesisLevel, ...] = Field(
         default_factory=_default_levels,
         description="Synthesis levels from the lowest resolution up, each twice the previous.",
     )
-    image_channels: int = Field(3, ge=1, description="Channels of the output images.")
     noise: bool = Field(True, description="Per-pixel noise inputs after each conv (StyleGAN2).")
-    style_token: bool = Field(
-        True,
-        description="Self-attention also attends to w as one extra token, which is how the "
-        "attention layer reads the style (the w argument of g_attn in Eq. 5).",
-    )
-    residual_gain: float = Field(
-        0.5, ge=0, description="Gain of every attention branch in its residual sum (< 1)."
-    )
-    conv_clamp: float | None = Field(
-        None, gt=0, description="Clamp conv outputs to +-conv_clamp (StyleGAN2 uses 256 with fp16)."
-    )
-    fused: bool = Field(True, description="Grouped-conv / SDPA fast paths (false: references).")
 
     @model_validator(mode="after")
     def _check_levels(self) -> GeneratorSpec:
@@ -149,8 +115,6 @@ class GeneratorSpec(ComponentSpec):
                     f"cross_attention at resolutions {crossing} needs a text_encoder; set one "
                     "or turn cross_attention off for an unconditional generator"
                 )
-        if self.text_dim % self.text_heads:
-            raise ValueError(f"text_dim={self.text_dim} is not divisible by text_heads")
         return self
 
     @property
@@ -344,7 +308,7 @@ def slerp(a: Tensor, b: Tensor, t: float | Tensor, dim: int = -1) -> Tensor:
     return torch.where(so.abs() < 1e-6, torch.lerp(a, b, t), out)
 
 
-class Generator(PretrainedMixin, nn.Module):
+class Generator(StyledNetwork):
     """GigaGAN's text-conditional generator ``G = M x G~`` (Sec. 3.2-3.3).
 
     ``generator(z, texts)`` returns a :class:`GeneratorOutput` with the multi-scale pyramid.
@@ -360,39 +324,16 @@ class Generator(PretrainedMixin, nn.Module):
     """
 
     spec_class: ClassVar[type[GeneratorSpec]] = GeneratorSpec
+    network_name: ClassVar[str] = "generator"
+    spec: GeneratorSpec
 
     def __init__(self, spec: GeneratorSpec, text_encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.spec = spec
-        if spec.text_encoder is None and text_encoder is not None:
-            raise ValueError("the spec describes an unconditional generator; got a text_encoder")
-        if spec.text_encoder is not None and text_encoder is None:
-            text_encoder = spec.text_encoder.build()
-        self.text_encoder = text_encoder
-        self.text_transformer = (
-            TextTransformer(text_encoder.width, spec.text_dim, spec.text_layers, spec.text_heads)
-            if text_encoder is not None
-            else None
-        )
-        self.mapping = MappingNetwork(
-            spec.z_dim,
-            spec.text_dim if text_encoder is not None else 0,
-            spec.w_dim,
-            spec.mapping_layers,
-            lr_multiplier=spec.mapping_lr_multiplier,
-            w_avg_beta=spec.w_avg_beta,
-        )
+        self._build_text_and_mapping(spec, text_encoder)
         self.synthesis = SynthesisNetwork(spec)
 
-    @classmethod
-    def from_spec(cls, spec: GeneratorSpec, text_encoder: nn.Module | None = None) -> Generator:
-        return cls(spec, text_encoder=text_encoder)
-
     # ---- properties -----------------------------------------------------------------------
-
-    @property
-    def conditional(self) -> bool:
-        return self.text_encoder is not None
 
     @property
     def num_ws(self) -> int:
@@ -405,62 +346,6 @@ class Generator(PretrainedMixin, nn.Module):
     @property
     def resolutions(self) -> tuple[int, ...]:
         return self.spec.resolutions
-
-    @property
-    def z_dim(self) -> int:
-        return self.spec.z_dim
-
-    def _device(self) -> torch.device:
-        return self.synthesis.const.device
-
-    # ---- text -----------------------------------------------------------------------------
-
-    def encode_text(
-        self, texts: TextInput, batch_size: int | None = None
-    ) -> TextConditioning | None:
-        """Captions (or their features) to the conditioning the networks read.
-
-        ``None`` gives ``None`` for an unconditional generator and the empty caption
-        (repeated ``batch_size`` times) for a conditional one.
-        """
-        if isinstance(texts, TextConditioning):
-            return texts
-        if not self.conditional:
-            if texts is not None:
-                raise ValueError("this generator is unconditional; it takes no text")
-            return None
-        assert self.text_encoder is not None and self.text_transformer is not None
-        if texts is None:
-            if batch_size is None:
-                raise ValueError("pass batch_size to encode the empty caption")
-            texts = [""] * batch_size
-        elif isinstance(texts, str):
-            texts = [texts]
-        features = texts if isinstance(texts, TextFeatures) else self.text_encoder(list(texts))
-        return self.text_transformer(features.to(self._device()))
-
-    # ---- latents and styles ---------------------------------------------------------------
-
-    def map(
-        self,
-        z: Tensor,
-        text: TextConditioning | None,
-        *,
-        psi: float | Tensor = 1.0,
-        update_w_avg: bool | None = None,
-    ) -> Tensor:
-        """``w = M(z, t_global)``, truncated by ``psi``; ``b z_dim`` to ``b w_dim``.
-
-        ``update_w_avg`` defaults to ``self.training``.
-        """
-        if update_w_avg is None:
-            update_w_avg = self.training
-        c = text.t_global if text is not None else None
-        return self.mapping(z, c, psi=psi, update_w_avg=update_w_avg)
-
-    def truncate(self, w: Tensor, psi: float | Tensor) -> Tensor:
-        """``w_avg + psi (w - w_avg)``; works on ``b w_dim`` and ``b num_ws w_dim``."""
-        return truncate(w, self.mapping.w_avg, psi)
 
     def broadcast(self, w: Tensor) -> Tensor:
         """``b w_dim`` to ``b num_ws w_dim`` (every layer reads the same style)."""
@@ -533,14 +418,6 @@ class Generator(PretrainedMixin, nn.Module):
         w = self.map(z, text, psi=psi, update_w_avg=update_w_avg)
         return self.synthesize(w, text, noise_mode=noise_mode, noise_generator=noise_generator)
 
-    def sample_z(
-        self, num: int, *, seed: int | None = None, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """``num`` latents ``z ~ N(0, I)``, reproducible from ``seed`` or ``generator``."""
-        if generator is None and seed is not None:
-            generator = torch.Generator(self._device()).manual_seed(seed)
-        return torch.randn(num, self.z_dim, generator=generator, device=self._device())
-
     @torch.no_grad()
     def sample(
         self,
@@ -603,7 +480,3 @@ class Generator(PretrainedMixin, nn.Module):
         )
         w = self.map(z.reshape(1, -1).expand(k, -1), mixed, psi=psi, update_w_avg=False)
         return self.synthesize(w, mixed, noise_mode=noise_mode)
-
-    def num_parameters(self, *, trainable_only: bool = False) -> int:
-        """Parameter count (``trainable_only`` leaves out the frozen text encoder)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
