@@ -39,15 +39,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
-from gigagan_core.layers.attention import L2CrossAttention, L2SelfAttention
-from gigagan_core.layers.equalized import EqualizedConv2d, EqualizedLinear
+from gigagan_core.layers.equalized import EqualizedConv2d
 from gigagan_core.nets.conditioning import TextConditioning
-from gigagan_core.nets.styled import StyledNetwork, StyledNetworkSpec, TextInput
+from gigagan_core.nets.styled import StyledAttention, StyledNetwork, StyledNetworkSpec, TextInput
 from gigagan_upsampler.noise import PixelNoise
 
 if TYPE_CHECKING:
@@ -312,26 +310,16 @@ class _UNetBlock(nn.Module):
             c + skip_channels, c, 3, down=2 if resample == "down" else 1, **conv
         )
         self.shortcut = EqualizedConv2d(in_channels, c, 1, bias=False) if in_channels != c else None
-        self.attn = (
-            L2SelfAttention(
-                c, level.attention_heads, residual_gain=spec.residual_gain, fused=spec.fused
-            )
-            if level.self_attention
-            else None
-        )
-        self.style_token = (
-            EqualizedLinear(spec.w_dim, c) if self.attn is not None and spec.style_token else None
-        )
-        self.cross = (
-            L2CrossAttention(
-                c,
-                spec.text_dim,
-                level.attention_heads,
-                residual_gain=spec.residual_gain,
-                fused=spec.fused,
-            )
-            if level.cross_attention
-            else None
+        self.attention = StyledAttention(
+            c,
+            spec.w_dim,
+            spec.text_dim,
+            level.attention_heads,
+            self_attention=level.self_attention,
+            cross_attention=level.cross_attention,
+            style_token=spec.style_token,
+            residual_gain=spec.residual_gain,
+            fused=spec.fused,
         )
         binomial = torch.tensor([1.0, 3.0, 3.0, 1.0])
         self.register_buffer(
@@ -360,18 +348,7 @@ class _UNetBlock(nn.Module):
         if self.resample == "up":
             s = _up2(s)
         x = (h + s.to(h.dtype)) * _RESIDUAL_SCALE
-        if self.attn is not None:
-            hh, ww = x.shape[2:]
-            tokens = rearrange(x, "b c h w -> b (h w) c")
-            if self.style_token is not None:
-                tokens = torch.cat([tokens, self.style_token(w.to(tokens.dtype))[:, None]], 1)
-            tokens = self.attn(tokens)[:, : hh * ww]
-            x = rearrange(tokens, "b (h w) c -> b c h w", h=hh, w=ww)
-        if self.cross is not None:
-            if text is None:
-                raise ValueError("this block cross-attends to text; no text conditioning given")
-            x = self.cross(x, text.t_local.to(x.dtype), text.local_mask)
-        return x
+        return self.attention(x, w, text)
 
 
 class GigaGANUpsampler(StyledNetwork):

@@ -24,15 +24,12 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
-from gigagan_core.layers.attention import L2CrossAttention, L2SelfAttention
-from gigagan_core.layers.equalized import EqualizedLinear
 from gigagan_core.nets.conditioning import TextConditioning
-from gigagan_core.nets.styled import StyledNetwork, StyledNetworkSpec, TextInput
+from gigagan_core.nets.styled import StyledAttention, StyledNetwork, StyledNetworkSpec, TextInput
 
 __all__ = [
     "Generator",
@@ -167,26 +164,16 @@ class _SynthesisBlock(nn.Module):
             conv_clamp=spec.conv_clamp,
             fused=spec.fused,
         )
-        self.attn = (
-            L2SelfAttention(
-                c, level.attention_heads, residual_gain=spec.residual_gain, fused=spec.fused
-            )
-            if level.self_attention
-            else None
-        )
-        self.style_token = (
-            EqualizedLinear(spec.w_dim, c) if self.attn is not None and spec.style_token else None
-        )
-        self.cross = (
-            L2CrossAttention(
-                c,
-                spec.text_dim,
-                level.attention_heads,
-                residual_gain=spec.residual_gain,
-                fused=spec.fused,
-            )
-            if level.cross_attention
-            else None
+        self.attention = StyledAttention(
+            c,
+            spec.w_dim,
+            spec.text_dim,
+            level.attention_heads,
+            self_attention=level.self_attention,
+            cross_attention=level.cross_attention,
+            style_token=spec.style_token,
+            residual_gain=spec.residual_gain,
+            fused=spec.fused,
         )
 
     def forward(
@@ -198,18 +185,7 @@ class _SynthesisBlock(nn.Module):
         noise_mode: NoiseMode,
     ) -> Tensor:
         x = self.conv(x, w, noise, noise_mode=noise_mode)
-        if self.attn is not None:
-            h, wd = x.shape[2:]
-            tokens = rearrange(x, "b c h w -> b (h w) c")
-            if self.style_token is not None:
-                tokens = torch.cat([tokens, self.style_token(w.to(tokens.dtype))[:, None]], 1)
-            tokens = self.attn(tokens)[:, : h * wd]
-            x = rearrange(tokens, "b (h w) c -> b c h w", h=h, w=wd)
-        if self.cross is not None:
-            if text is None:
-                raise ValueError("this block cross-attends to text; no text conditioning given")
-            x = self.cross(x, text.t_local.to(x.dtype), text.local_mask)
-        return x
+        return self.attention(x, w, text)
 
 
 class SynthesisNetwork(nn.Module):

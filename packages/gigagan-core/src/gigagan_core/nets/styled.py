@@ -12,16 +12,19 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from einops import rearrange
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from gigagan_core.layers.attention import L2CrossAttention, L2SelfAttention
+from gigagan_core.layers.equalized import EqualizedLinear
 from gigagan_core.nets.conditioning import TextConditioning, build_text_path
 from gigagan_core.nets.mapping import MappingNetwork, truncate
 from gigagan_core.nets.text_features import TextFeatures
 from gigagan_core.pretrained import PretrainedMixin
 from gigagan_core.specs import AnyTextEncoder, ComponentSpec
 
-__all__ = ["StyledNetwork", "StyledNetworkSpec", "TextInput"]
+__all__ = ["StyledAttention", "StyledNetwork", "StyledNetworkSpec", "TextInput"]
 
 TextInput = Sequence[str] | str | TextFeatures | TextConditioning | None
 
@@ -70,6 +73,58 @@ class StyledNetworkSpec(ComponentSpec):
                 f"text_dim={self.text_dim} is not divisible by text_heads={self.text_heads}"
             )
         return self
+
+
+class StyledAttention(nn.Module):
+    """The attention half of a synthesis block: ``g_xattn(g_attn(f, w), t_local)`` (Eq. 5).
+
+    ``g_attn`` is L2 self-attention over the ``h w`` pixels of ``f`` plus, with
+    ``style_token``, one extra token ``A w`` (how the layer reads the style ``w``);
+    ``g_xattn`` is L2 cross-attention from the pixels to the caption tokens ``t_local``.
+    Either part may be switched off. Shapes: ``f: b c h w``, ``w: b w_dim`` to ``b c h w``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        w_dim: int,
+        text_dim: int,
+        heads: int,
+        *,
+        self_attention: bool,
+        cross_attention: bool,
+        style_token: bool = True,
+        residual_gain: float = 0.5,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        self.attn = (
+            L2SelfAttention(channels, heads, residual_gain=residual_gain, fused=fused)
+            if self_attention
+            else None
+        )
+        self.style_token = (
+            EqualizedLinear(w_dim, channels) if self_attention and style_token else None
+        )
+        self.cross = (
+            L2CrossAttention(channels, text_dim, heads, residual_gain=residual_gain, fused=fused)
+            if cross_attention
+            else None
+        )
+
+    def forward(self, x: Tensor, w: Tensor, text: TextConditioning | None) -> Tensor:
+        if self.attn is not None:
+            h, wd = x.shape[2:]
+            tokens = rearrange(x, "b c h w -> b (h w) c")
+            if self.style_token is not None:
+                tokens = torch.cat([tokens, self.style_token(w.to(tokens.dtype))[:, None]], 1)
+            tokens = self.attn(tokens)[:, : h * wd]
+            x = rearrange(tokens, "b (h w) c -> b c h w", h=h, w=wd)
+        if self.cross is not None:
+            if text is None:
+                raise ValueError("this block cross-attends to text; no text conditioning given")
+            x = self.cross(x, text.t_local.to(x.dtype), text.local_mask)
+        return x
 
 
 class StyledNetwork(PretrainedMixin, nn.Module):
