@@ -91,3 +91,69 @@ def test_paper_scale_generator_builds_and_matches_the_paper_size():
     assert abs(trainable / PAPER_G_PARAMS - 1) < 0.05, trainable
     assert g.text_encoder.width == 768  # CLIP ViT-L/14 text features
     assert g.resolutions == (64, 32, 16, 8, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_text_conditional_networks_run_in_other_dtypes(tiny, dtype, tmp_path):
+    torch.manual_seed(0)
+    g = Generator.from_spec(tiny.generator).to(dtype)
+    d = MultiScaleDiscriminator.from_spec(tiny.discriminator, text_encoder=g.text_encoder)
+    d = d.to(dtype)
+    out = g.sample(CAPTIONS, seed=0)
+    assert out.image.dtype == dtype
+    fake = g(g.sample_z(2, seed=1), CAPTIONS).pyramid
+    sum(v.float().mean() for v in d(fake, CAPTIONS).logits.values()).backward()
+    assert g.synthesis.to_rgb[0].weight.grad.dtype == dtype
+    d.save_pretrained(tmp_path / "d")
+    loaded = MultiScaleDiscriminator.from_pretrained(tmp_path / "d")
+    assert next(loaded.parameters()).dtype == dtype
+    d.eval()
+    assert torch.equal(loaded(out.pyramid, CAPTIONS)[0, 1], d(out.pyramid, CAPTIONS)[0, 1])
+
+
+def test_bf16_autocast_forward_and_backward(tiny):
+    torch.manual_seed(0)
+    g = Generator.from_spec(tiny.generator)
+    d = MultiScaleDiscriminator.from_spec(tiny.discriminator, text_encoder=g.text_encoder)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = d(g(torch.randn(2, tiny.generator.z_dim), CAPTIONS).pyramid, CAPTIONS)
+        loss = sum(v.mean() for v in out.logits.values())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert g.mapping.layers[0].weight.grad.abs().sum() > 0
+
+
+def test_shared_text_encoder_must_match_the_spec(tiny):
+    g = Generator.from_spec(tiny.generator)
+    other = tiny.discriminator.model_copy(
+        update={
+            "text_encoder": tiny.discriminator.text_encoder.model_copy(update={"layer": "last"})
+        }
+    )
+    with pytest.raises(ValueError, match="shared text_encoder does not match this discriminator"):
+        MultiScaleDiscriminator.from_spec(other, text_encoder=g.text_encoder)
+
+
+def test_preset_pyramids_must_agree(tmp_path):
+    text = (
+        preset_path("tiny")
+        .read_text()
+        .replace(
+            'kind = "ms-io"\nresolution = 16\n',
+            'kind = "ms-io"\nresolution = 16\nmin_resolution = 2\n',
+        )
+    )
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(SpecFileError, match=r"reads pyramid levels \[16, 8, 4, 2\]"):
+        load_preset(tmp_path / "bad.toml")
+
+
+def test_per_sample_truncation(tiny):
+    g = Generator.from_spec(tiny.generator)
+    with torch.no_grad():
+        g.mapping.w_avg.normal_()
+    text = g.encode_text(CAPTIONS)
+    z = torch.randn(2, tiny.generator.z_dim)
+    w = g.map(z, text, psi=torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(w[0], g.mapping.w_avg)
+    torch.testing.assert_close(w[1], g.map(z, text)[1])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 import warnings
 from pathlib import Path
 
@@ -408,10 +407,8 @@ def test_save_and_load_pretrained(tmp_path: Path, tiny: CLIPTextEncoder) -> None
 
 
 def test_paper_encoder_is_vit_l14_width_768() -> None:
-    start = time.perf_counter()
     with torch.device("meta"):
         encoder = CLIPTextEncoder()
-    assert time.perf_counter() - start < 5
     assert encoder.spec.model_name == "ViT-L-14" and encoder.layer == "penultimate"
     assert (encoder.width, encoder.embed_dim) == (768, 768)
     assert (encoder.context_length, encoder.vocab_size) == (77, 49408)

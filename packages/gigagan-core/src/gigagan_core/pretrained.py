@@ -173,7 +173,9 @@ class PretrainedMixin:
         """Rebuild the module from ``config.json`` and load ``model.safetensors`` into it.
 
         Every tensor must be present with the shape the config implies; otherwise a
-        :class:`PretrainedError` lists what differs. The module is returned in eval mode.
+        :class:`PretrainedError` lists what differs. A checkpoint whose floating tensors
+        share one dtype loads into a module of that dtype. The module is returned in eval
+        mode.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -189,5 +191,10 @@ class PretrainedMixin:
         with _from_checkpoint():
             module = cls.from_spec(spec, **runtime)  # type: ignore[attr-defined]
         check_state_dict(module.state_dict(), state, str(weights))
+        # Keep the checkpoint's precision: a float64 or bfloat16 model comes back as one
+        # instead of being rounded into a float32 module.
+        float_dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+        if len(float_dtypes) == 1:
+            module = module.to(float_dtypes.pop())
         module.load_state_dict(state, strict=True)
         return module.to(map_location).eval()

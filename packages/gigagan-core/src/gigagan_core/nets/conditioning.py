@@ -140,7 +140,9 @@ class TextTransformer(nn.Module):
                 f"text features are {features.width} wide but this transformer expects "
                 f"{self.in_dim}; does the text encoder match the spec?"
             )
-        x = self.proj(features.tokens)
+        # Frozen encoders hand out float32 features; follow this module's own dtype (a
+        # float64 or bfloat16 network) so LayerNorm sees matching types.
+        x = self.proj(features.tokens.to(self.norm.weight.dtype))
         for block in self.blocks:
             x = block(x, features.mask)
         x = self.norm(x)
@@ -168,6 +170,14 @@ def build_text_path(
         )
     if encoder_spec is not None and text_encoder is None:
         text_encoder = encoder_spec.build()
+    shared_spec = getattr(text_encoder, "spec", None)
+    if encoder_spec is not None and shared_spec is not None and shared_spec != encoder_spec:
+        # A checkpoint records encoder_spec; sharing a different encoder would make the saved
+        # model reload into something else.
+        raise ValueError(
+            f"the shared text_encoder does not match this {owner}'s spec: it is "
+            f"{shared_spec!r}, the spec names {encoder_spec!r}"
+        )
     if text_encoder is None:
         return None, None
     width = getattr(text_encoder, "width", None)

@@ -444,6 +444,10 @@ class Generator(StyledNetwork):
         """
         if not self.conditional:
             raise ValueError("prompt mixing needs a text-conditional generator")
+        if z.numel() != self.z_dim:
+            raise ValueError(
+                f"mix_prompts takes one latent of {self.z_dim} values, got shape {tuple(z.shape)}"
+            )
         weights = torch.as_tensor(weights, dtype=torch.float32, device=self._device())
         k = weights.numel()
         cond_a = self.encode_text([text_a] if isinstance(text_a, str) else list(text_a))

@@ -18,9 +18,20 @@ def normalize_2nd_moment(x: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
 
 
 def truncate(w: Tensor, w_avg: Tensor, psi: float | Tensor) -> Tensor:
-    """The truncation trick: ``w_avg + psi (w - w_avg)``; ``psi=1`` is the identity."""
-    if isinstance(psi, (int, float)) and psi == 1:
-        return w
+    """The truncation trick: ``w_avg + psi (w - w_avg)``; ``psi=1`` is the identity.
+
+    ``w``: ``b w_dim`` or ``b num_ws w_dim``; ``psi``: a number or one value per sample
+    (``b``).
+    """
+    if isinstance(psi, (int, float)):
+        if psi == 1:
+            return w
+    else:
+        psi = torch.as_tensor(psi, dtype=w.dtype, device=w.device)
+        if psi.ndim == 1:
+            if psi.shape[0] != w.shape[0]:
+                raise ValueError(f"psi has {psi.shape[0]} values for a batch of {w.shape[0]}")
+            psi = psi.reshape(-1, *([1] * (w.ndim - 1)))
     return torch.lerp(w_avg.to(w.dtype), w, psi)
 
 

@@ -225,7 +225,10 @@ class StyledNetwork(PretrainedMixin, nn.Module):
         """``num`` latents ``z ~ N(0, I)``, reproducible from ``seed`` or ``generator``."""
         if generator is None and seed is not None:
             generator = torch.Generator(self._device()).manual_seed(seed)
-        return torch.randn(num, self.z_dim, generator=generator, device=self._device())
+        w_avg = self.mapping.w_avg
+        return torch.randn(
+            num, self.z_dim, generator=generator, device=w_avg.device, dtype=w_avg.dtype
+        )
 
     def num_parameters(self, *, trainable_only: bool = False) -> int:
         """Parameter count (``trainable_only`` leaves out the frozen text encoder)."""

@@ -119,8 +119,9 @@ class CLIPTextEncoderSpec(ComponentSpec):
     )
     context_length: int | None = Field(
         None,
-        ge=1,
-        description="Tokens per caption (captions are truncated, then padded); None uses the "
+        ge=2,
+        description="Tokens per caption (start and end-of-text included, so at least 2; "
+        "captions are truncated, then padded); None uses the "
         "config's text_cfg.context_length (77 for CLIP). At most that value.",
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gigagan_core.specs import AnyDiscriminator, AnyGenerator, load_spec
 
@@ -25,6 +25,17 @@ class ModelPreset(BaseModel):
     description: str = Field("", description="One line on what the preset is for.")
     generator: AnyGenerator
     discriminator: AnyDiscriminator
+
+    @model_validator(mode="after")
+    def _pyramids_agree(self) -> ModelPreset:
+        g = getattr(self.generator, "resolutions", None)
+        d = getattr(self.discriminator, "resolutions", None)
+        if g is not None and d is not None and tuple(g) != tuple(d):
+            raise ValueError(
+                f"the discriminator reads pyramid levels {list(d)} but the generator makes "
+                f"{list(g)}; match discriminator.resolution / min_resolution to the generator"
+            )
+        return self
 
 
 def preset_names() -> list[str]:
