@@ -262,3 +262,110 @@ def test_pixel_noise_is_standard_normal():
     grid = PixelNoise(1)(0, 1, 256, 256)[0, 0].double()
     assert abs((grid[:, 1:] * grid[:, :-1]).mean()) < 0.01
     assert abs((grid[1:] * grid[:-1]).mean()) < 0.01
+
+
+def test_pixel_noise_rows_are_not_shifted_copies_of_each_other():
+    # A row key combined with a column key linear in the column makes some pairs of rows in
+    # a large map exact shifted copies (29,349 repeated neighbour pairs at 4096^2 with such a
+    # key). Independent draws repeat a pair of neighbouring float32 values essentially never.
+    grid = PixelNoise(7)(0, 1, 4096, 4096)[0, 0]
+    bits = grid.contiguous().view(torch.int32).to(torch.int64)
+    pairs = (bits[:, :-1] << 32) | (bits[:, 1:] & 0xFFFFFFFF)
+    _, counts = torch.unique(pairs.flatten(), return_counts=True)
+    assert int((counts > 1).sum()) <= 2
+
+
+def test_pixel_noise_uses_all_64_bits_of_the_seed():
+    low = PixelNoise(5)(0, 1, 16, 16)
+    assert (PixelNoise(5 + 2**32)(0, 1, 16, 16) - low).abs().mean() > 0.5
+    assert torch.equal(PixelNoise(5 + 2**64)(0, 1, 16, 16), low)  # as torch.Generator wraps
+
+
+# ---- input formats and bad input ----------------------------------------------------------------
+
+
+def test_sixteen_bit_and_float_pil_images_keep_their_range():
+    values = torch.arange(0, 65536, 257, dtype=torch.int32).view(16, 16)  # 0 .. 65535
+    sixteen = Image.frombytes("I;16", (16, 16), values.to(torch.int16).numpy().tobytes())
+    expected = values.double() / 65535 * 2 - 1
+    got = from_pil(sixteen)
+    assert got.shape == (3, 16, 16)
+    torch.testing.assert_close(got[1].double(), expected, rtol=0, atol=1e-6)
+    as_int = Image.frombytes("I", (16, 16), values.numpy().tobytes())
+    torch.testing.assert_close(
+        from_pil(as_int, channels=1)[0].double(), expected, rtol=0, atol=1e-6
+    )
+    unit = torch.linspace(0, 1, 256, dtype=torch.float32).view(16, 16)
+    floating = Image.frombytes("F", (16, 16), unit.numpy().tobytes())
+    torch.testing.assert_close(from_pil(floating, channels=1)[0], unit * 2 - 1)
+    over = Image.frombytes("F", (16, 16), (unit * 4).numpy().tobytes())
+    with pytest.raises(ValueError, match=r"float greyscale \(mode F\) images are read as \[0, 1\]"):
+        from_pil(over)
+    wide = Image.frombytes("I", (16, 16), (values * 4).numpy().tobytes())
+    with pytest.raises(ValueError, match=r"mode I\) images are read as \[0, 65535\]"):
+        from_pil(wide)
+
+
+def test_pil_input_follows_the_model_channels_and_keeps_alpha(local_spec, tiny_model):
+    gray_model = GigaGANUpsampler.from_spec(local_spec(image_channels=1)).eval()
+    rgb = to_pil(_images(3, 9, 11))
+    out = upsample(gray_model, rgb, "a", output="pil")
+    assert out.mode == "L" and out.size == (44, 36)
+    tensor = upsample(gray_model, rgb, "a")
+    torch.testing.assert_close(
+        tensor, upsample(gray_model, from_pil(rgb.convert("L"), 1), "a")[None]
+    )
+    # RGBA: colour goes through the network, alpha is resized and put back.
+    alpha = Image.linear_gradient("L").resize((11, 9))
+    rgba = rgb.copy()
+    rgba.putalpha(alpha)
+    out = upsample(tiny_model, rgba, "a", output="pil")
+    assert out.mode == "RGBA" and out.size == (44, 36)
+    resized = alpha.resize((44, 36), Image.Resampling.LANCZOS)
+    assert out.getchannel("A").tobytes() == resized.tobytes()
+    plain = upsample(tiny_model, rgb, "a", output="pil")
+    assert out.convert("RGB").tobytes() == plain.tobytes()
+    assert upsample(tiny_model, rgba, "a").shape == (1, 3, 36, 44)  # tensors carry colour only
+
+
+def test_bad_input_is_named(tiny_model):
+    x = _images(3, 16, 16)
+    x[1, 4, 5] = float("nan")
+    with pytest.raises(ValueError, match="the image holds 1 NaN or infinite values"):
+        upsample(tiny_model, x)
+    with pytest.raises(ValueError, match="the image holds 6 NaN or infinite values"):
+        upsample(tiny_model, torch.full((1, 3, 1, 2), float("inf")))
+    with pytest.raises(ValueError, match="got an empty list of images"):
+        upsample(tiny_model, [])
+    with pytest.raises(TypeError, match=r"must hold PIL images only, got \['Image', 'Tensor'\]"):
+        upsample(tiny_model, [to_pil(_images(3, 4, 4)), _images(3, 4, 4)])
+    with pytest.raises(ValueError, match=r"the image tensor is empty: shape \(1, 3, 0, 8\)"):
+        upsample(tiny_model, torch.zeros(1, 3, 0, 8))
+    with pytest.raises(ValueError, match=r"the image tensor is empty: shape \(0, 3, 8, 8\)"):
+        upsample(tiny_model, torch.zeros(0, 3, 8, 8))
+    with pytest.raises(ValueError, match="the PIL image is empty"):
+        upsample(tiny_model, Image.new("RGB", (0, 5)))
+    with pytest.raises(ValueError, match="overlap and margin apply to tiled runs"):
+        upsample(tiny_model, _images(3, 16, 16), overlap=8)
+    m = tiny_model.multiple
+    with pytest.raises(ValueError, match=f"tiles must be at least {2 * m} pixels"):
+        upsample(tiny_model, _images(3, 8 * m, 8 * m), tile=m)
+
+
+def test_default_tiling_reaches_the_receptive_radius(local_model):
+    # Without self-attention the default margin is the receptive radius whenever the overlap
+    # has room for it, so default tiling reproduces the untiled run (to float32 rounding,
+    # as in the explicit-margin test above).
+    radius = math.ceil(local_model.receptive_radius())
+    tile = 8 * radius + 8  # the default overlap, tile // 4, then exceeds 2 * radius
+    x = _images(1, 3, 40, 2 * tile)
+    full = upsample(local_model, x, "a", seed=2)
+    tiled = upsample(local_model, x, "a", seed=2, tile=tile)
+    torch.testing.assert_close(tiled, full, rtol=0, atol=1e-4)
+    # Control: the same tiles with a margin well inside the receptive field leak padding,
+    # more than ten times the tolerance above (measured 5e-3 across this single seam).
+    leaky = upsample(local_model, x, "a", seed=2, tile=tile, overlap=tile // 4, margin=2)
+    assert (leaky - full).abs().max() > 1e-3
+    # The smallest tile that overlaps still runs (with an overlap of one multiple).
+    m = local_model.multiple
+    assert upsample(local_model, x, "a", tile=2 * m).shape == full.shape

@@ -43,6 +43,8 @@ class InterpolationUpsampler(nn.Module):
     def forward(self, image: torch.Tensor, texts: object = None) -> torch.Tensor:
         if image.ndim != 4:
             raise ValueError(f"expected a b c h w image batch, got shape {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise TypeError(f"expected a float image in [-1, 1], got {image.dtype}")
         align = None if self.mode == "nearest" else False
         out = F.interpolate(image, scale_factor=self.scale, mode=self.mode, align_corners=align)
         return out.clamp(-1.0, 1.0)

@@ -5,8 +5,8 @@ image is upsampled tile by tile, two overlapping tiles would then draw *differen
 the same output pixel, and blending them would average two independent draws: the overlap
 would carry visibly weaker noise than the rest of the image. :class:`PixelNoise` instead
 derives each value from ``(seed, image index, layer, global row, global column)`` with an
-integer hash, so every tile (and the untiled run) sees exactly the same noise at the same
-place.
+integer hash (row and column each hashed, then hashed together), so every tile (and the
+untiled run) sees exactly the same noise at the same place.
 
 The hash is ``lowbias32`` (C. Wellons' hash-prospector; a bijection of 32-bit integers with
 good avalanche), computed in int64 with the 32-bit products split into 16-bit halves so that
@@ -98,12 +98,16 @@ class PixelNoise:
                 f"{num}/{den} of the input resolution; align tiles to the downsampling factor"
             )
         scaled = scaled // den
-        base = _hash_int(_hash_int(self.seed) + 0x9E3779B9 * (layer + 1))
+        seed = self.seed % 2**64  # all 64 bits of the seed count, as for torch.Generator
+        seed_key = _hash_int(_hash_int(seed & _MASK32) ^ (seed >> 32))
+        base = _hash_int(seed_key + 0x9E3779B9 * (layer + 1))
         rows = scaled[:, :1] + torch.arange(height, device=device)  # b h
         cols = scaled[:, 1:] + torch.arange(width, device=device)  # b w
         per_sample = hash32((samples + base) & _MASK32)  # b
         row_keys = hash32((per_sample[:, None] + rows * 0x2545F491) & _MASK32)  # b h
-        col_keys = (cols * 0x5BD1E995) & _MASK32  # b w
+        # Both coordinates are hashed before they are combined: a column key linear in the
+        # column would make two rows whose keys differ by a multiple of it shifted copies.
+        col_keys = hash32((cols * 0x5BD1E995) & _MASK32)  # b w
         key = hash32((row_keys[:, :, None] + col_keys[:, None, :]) & _MASK32)  # b h w
         other = hash32(key ^ 0x68E31DA4)
         u1 = (key.to(torch.float32) + 1.0) / _TWO32  # (0, 1]: the log stays finite

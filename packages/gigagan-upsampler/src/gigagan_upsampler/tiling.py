@@ -75,34 +75,89 @@ ImageOutput: TypeAlias = Tensor | Image.Image | list[Image.Image]
 # --------------------------------------------------------------------------------------------
 
 
-def from_pil(image: Image.Image) -> Tensor:
-    """A PIL image (any mode, converted to RGB) as a ``3 h w`` float tensor in [-1, 1]."""
-    rgb = image.convert("RGB")
-    w, h = rgb.size
-    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-    return data.view(h, w, 3).permute(2, 0, 1).float().div(127.5).sub(1.0)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def to_pil(image: Tensor) -> Image.Image:
-    """A ``3 h w`` (or ``1 h w``) tensor in [-1, 1] as a PIL image (values clamped)."""
+def from_pil(image: Image.Image, channels: int = 3) -> Tensor:
+    """A PIL image as a ``channels h w`` float tensor in [-1, 1] (``channels`` 1 or 3).
+
+    8-bit modes are converted with PIL (``L`` for one channel, ``RGB`` for three; an alpha
+    channel is dropped here, see :func:`upsample`). 16-bit greyscale (``I;16*``, and ``I``,
+    which is how PIL may open a 16-bit PNG) is read as ``[0, 65535]`` and float greyscale
+    (``F``) as ``[0, 1]``, at full precision; values outside those ranges are an error.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"from_pil makes 1- or 3-channel tensors, not {channels}")
+    w, h = image.size
+    if w == 0 or h == 0:
+        raise ValueError(f"the PIL image is empty ({w}x{h})")
+    if image.mode in (*_SIXTEEN_BIT_MODES, "I", "F"):
+        if image.mode == "F":
+            data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.float32).double()
+            low, high, name = 0.0, 1.0, "float greyscale (mode F)"
+        else:
+            data = image if image.mode == "I" else image.convert("I")
+            data = torch.frombuffer(bytearray(data.tobytes()), dtype=torch.int32).double()
+            low, high, name = 0.0, 65535.0, f"16-bit greyscale (mode {image.mode})"
+        if not bool(torch.isfinite(data).all()) or data.min() < low or data.max() > high:
+            raise ValueError(
+                f"{name} images are read as [{low:g}, {high:g}]; this one holds values in "
+                f"[{data.min().item():g}, {data.max().item():g}]"
+            )
+        gray = (data / high * 2.0 - 1.0).float().view(1, h, w)
+        return gray.expand(channels, h, w).contiguous()
+    mode = "L" if channels == 1 else "RGB"
+    converted = image.convert(mode)
+    data = torch.frombuffer(bytearray(converted.tobytes()), dtype=torch.uint8)
+    return data.view(h, w, channels).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def _alpha(image: Image.Image) -> Image.Image | None:
+    """The image's alpha channel as an ``L`` image, or ``None`` when it has none."""
+    if not image.has_transparency_data:
+        return None
+    return image.convert("RGBA").getchannel("A")
+
+
+def to_pil(image: Tensor, alpha: Image.Image | None = None) -> Image.Image:
+    """A ``3 h w`` (or ``1 h w``) tensor in [-1, 1] as a PIL image (values clamped).
+
+    ``alpha`` (an ``L`` image, resized with Lanczos to the output size) is attached as the
+    alpha channel, giving ``RGBA`` (or ``LA``).
+    """
     if image.ndim != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"to_pil takes a '3 h w' or '1 h w' tensor, got {tuple(image.shape)}")
     data = ((image.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
     data = data.permute(1, 2, 0).contiguous()
     h, w, c = data.shape
     mode = "RGB" if c == 3 else "L"
-    return Image.frombytes(mode, (w, h), bytes(data.untyped_storage()))
+    out = Image.frombytes(mode, (w, h), bytes(data.untyped_storage()))
+    if alpha is not None:
+        out.putalpha(alpha.convert("L").resize((w, h), Image.Resampling.LANCZOS))
+    return out
 
 
-def _as_batch(image: ImageInput) -> tuple[Tensor, str]:
-    """``(b c h w float tensor in [-1, 1], layout)`` with layout 'pil', 'pils', 'chw', 'bchw'."""
+def _as_batch(
+    image: ImageInput, channels: int
+) -> tuple[Tensor, str, list[Image.Image | None] | None]:
+    """``(b c h w float tensor in [-1, 1], layout, alphas)``.
+
+    ``layout`` is 'pil', 'pils', 'chw' or 'bchw'; ``alphas`` holds each PIL image's alpha
+    channel (or ``None``), and is ``None`` for tensor input.
+    """
     if isinstance(image, Image.Image):
-        return from_pil(image)[None], "pil"
-    if isinstance(image, Sequence) and image and all(isinstance(im, Image.Image) for im in image):
-        sizes = {im.size for im in image}
-        if len(sizes) != 1:
-            raise ValueError(f"PIL images in one call must share a size, got {sorted(sizes)}")
-        return torch.stack([from_pil(im) for im in image]), "pils"
+        return from_pil(image, channels)[None], "pil", [_alpha(image)]
+    if isinstance(image, Sequence) and not isinstance(image, str | bytes):
+        if len(image) == 0:
+            raise ValueError("got an empty list of images")
+        if all(isinstance(im, Image.Image) for im in image):
+            sizes = {im.size for im in image}
+            if len(sizes) != 1:
+                raise ValueError(f"PIL images in one call must share a size, got {sorted(sizes)}")
+            x = torch.stack([from_pil(im, channels) for im in image])
+            return x, "pils", [_alpha(im) for im in image]
+        kinds = sorted({type(im).__name__ for im in image})
+        raise TypeError(f"a list of images must hold PIL images only, got {kinds}")
     if not isinstance(image, Tensor):
         raise TypeError(
             f"image must be a PIL image, a list of PIL images or a tensor, got "
@@ -110,13 +165,18 @@ def _as_batch(image: ImageInput) -> tuple[Tensor, str]:
         )
     if image.ndim not in (3, 4):
         raise ValueError(f"image tensor must be 'c h w' or 'b c h w', got {tuple(image.shape)}")
+    if image.numel() == 0:
+        raise ValueError(f"the image tensor is empty: shape {tuple(image.shape)}")
     layout = "chw" if image.ndim == 3 else "bchw"
     x = image[None] if image.ndim == 3 else image
     if x.dtype == torch.uint8:
         x = x.float().div(127.5).sub(1.0)
     elif not x.is_floating_point():
         raise TypeError(f"image tensor must be float in [-1, 1] or uint8, got {x.dtype}")
-    return x, layout
+    elif not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"the image holds {bad} NaN or infinite values")
+    return x, layout, None
 
 
 def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
@@ -217,23 +277,31 @@ def upsample(
     """Upsample ``image`` by ``model.scale``, whole or in blended tiles (see module doc).
 
     - ``image``: a PIL image, a list of same-size PIL images, or a tensor ``c h w`` /
-      ``b c h w`` (float in [-1, 1], or uint8); any height and width.
+      ``b c h w`` (float in [-1, 1], or uint8); any height and width. PIL images are
+      converted to the model's channel count (16-bit and float greyscale at full
+      precision, see :func:`from_pil`); an alpha channel is not upsampled by the network
+      but resized with Lanczos and reattached to ``"pil"`` output. NaN or infinite values
+      are an error.
     - ``texts``: captions (one per image, or one string for all), features or conditioning,
       as the model takes them; ``None`` for an unconditional model (the empty caption for a
       conditional one).
-    - ``tile``: tile side in input pixels (rounded up to ``model.multiple``); ``None`` runs
-      the whole image at once. ``overlap`` (default ``tile // 4``, rounded up to
-      ``model.multiple``) is the least overlap of neighbouring tiles and ``margin``
-      (default ``overlap // 4``) the band at shared tile borders that gets no weight; the
-      cross-fade spans ``overlap - 2 margin`` pixels. ``batch_tiles`` tiles run per call.
+    - ``tile``: tile side in input pixels (rounded up to ``model.multiple``, and at least
+      twice that to leave room for an overlap); ``None`` runs the whole image at once, as
+      does a tile that covers it. ``overlap`` (default ``tile // 4`` rounded up to
+      ``model.multiple``, at most ``tile - model.multiple``) is the least overlap of
+      neighbouring tiles and ``margin`` the band at shared tile borders that gets no
+      weight; the cross-fade spans ``overlap - 2 margin`` pixels. ``margin`` defaults to
+      the model's :meth:`~GigaGANUpsampler.receptive_radius` when the overlap has room for
+      it (the tiled output then equals the untiled one), else to ``overlap // 4``.
+      ``overlap`` and ``margin`` need ``tile``. ``batch_tiles`` tiles run per call.
     - ``seed``: draws ``z``, the noise augmentation and the injected noise; the same seed
       gives the same image. ``noise_mode="none"`` injects no noise; ``augment=False``
       skips the input's noise augmentation.
     - ``device``: where the network runs (default: the model's device; the model is moved
       there if it lies elsewhere); the output is assembled on the input's device.
     - ``output``: ``"tensor"`` returns the input's layout (``c h w`` or ``b c h w``, for PIL
-      input ``b c h w``) in [-1, 1], clamped; ``"pil"`` returns a PIL image (a list for more
-      than one image).
+      input ``b c h w``) in [-1, 1], clamped; ``"pil"`` returns a PIL image (a list for a
+      list of images or a ``b c h w`` tensor).
 
     ``upsample`` can be applied to its own output (e.g. 8x then 8x).
     """
@@ -242,7 +310,9 @@ def upsample(
     if batch_tiles < 1:
         raise ValueError(f"batch_tiles must be at least 1, got {batch_tiles}")
     spec = model.spec
-    x, layout = _as_batch(image)
+    if tile is None and (overlap is not None or margin is not None):
+        raise ValueError("overlap and margin apply to tiled runs; pass tile as well")
+    x, layout, alphas = _as_batch(image, spec.image_channels)
     if x.shape[1] != spec.image_channels:
         raise ValueError(
             f"the model takes {spec.image_channels}-channel images, got {x.shape[1]} channels"
@@ -271,14 +341,28 @@ def upsample(
         raise ValueError(f"got {b} images but {len(text)} captions")
     w = model.map(z.to(run_device), text, psi=psi, update_w_avg=False)
 
-    if tile is None:
-        tile_h, tile_w, overlap, margin = ph, pw, 0, 0
-    else:
-        if tile < 1:
-            raise ValueError(f"tile must be positive, got {tile}")
+    if tile is not None and tile < 1:
+        raise ValueError(f"tile must be positive, got {tile}")
+    if tile is not None:
         tile = _round_up(tile, m)
-        overlap = _round_up(tile // 4 if overlap is None else overlap, m)
-        margin = overlap // 4 if margin is None else margin
+    if tile is None or (tile >= max(ph, pw) and overlap is None and margin is None):
+        tile_h, tile_w, overlap, margin = ph, pw, 0, 0  # one tile: the whole image
+    else:
+        if overlap is None:
+            if tile < 2 * m:
+                raise ValueError(
+                    f"tile={tile} leaves no room for an overlap: tiles must be at least "
+                    f"{2 * m} pixels (twice the U-Net's multiple {m}) to overlap"
+                )
+            overlap = max(m, _round_up(tile // 4, m))
+            overlap = min(overlap, tile - m)
+        else:
+            overlap = _round_up(overlap, m)
+        if margin is None:
+            # Reach the receptive radius when it fits: tiles then equal the untiled run.
+            radius = model.receptive_radius()
+            reach = math.ceil(radius) if radius is not None else None
+            margin = reach if reach is not None and 2 * reach < overlap else overlap // 4
         if margin < 0 or 2 * margin >= overlap:
             raise ValueError(
                 f"need 0 <= 2 * margin < overlap, got margin={margin}, overlap={overlap}"
@@ -334,6 +418,7 @@ def upsample(
         result = result[:, :, : height * s, : width * s].contiguous()
     result.clamp_(-1.0, 1.0)
     if output == "pil":
-        images = [to_pil(im) for im in result]
+        alphas = alphas or [None] * b
+        images = [to_pil(im, alpha) for im, alpha in zip(result, alphas, strict=True)]
         return images[0] if layout in ("pil", "chw") else images
     return result[0] if layout == "chw" else result

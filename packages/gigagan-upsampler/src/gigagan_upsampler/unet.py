@@ -45,7 +45,13 @@ from torch import Tensor, nn
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
 from gigagan_core.layers.equalized import EqualizedConv2d
 from gigagan_core.nets.conditioning import TextConditioning
-from gigagan_core.nets.styled import StyledAttention, StyledNetwork, StyledNetworkSpec, TextInput
+from gigagan_core.nets.styled import (
+    StyledAttention,
+    StyledNetwork,
+    StyledNetworkSpec,
+    TextInput,
+    randn,
+)
 from gigagan_upsampler.noise import PixelNoise
 
 if TYPE_CHECKING:
@@ -525,7 +531,7 @@ class GigaGANUpsampler(StyledNetwork):
             return pixel_noise(
                 self._noise_layers[key], b, h, w, *level_scale, device=like.device, dtype=like.dtype
             )
-        noise = torch.randn(b, 1, h, w, generator=noise_generator, device=like.device)
+        noise = randn(b, 1, h, w, generator=noise_generator, device=like.device)
         return noise.to(like.dtype)
 
     def forward(
@@ -565,7 +571,7 @@ class GigaGANUpsampler(StyledNetwork):
 
         if w is None:
             if z is None:
-                z = torch.randn(b, spec.z_dim, generator=noise_generator, device=low_res.device)
+                z = randn(b, spec.z_dim, generator=noise_generator, device=low_res.device)
             if z.shape != (b, spec.z_dim):
                 raise ValueError(f"z must have shape ({b}, {spec.z_dim}), got {tuple(z.shape)}")
             w = self.map(z, text, psi=psi, update_w_avg=update_w_avg)
@@ -577,8 +583,8 @@ class GigaGANUpsampler(StyledNetwork):
         x = low_res
         if augment and spec.noise_augmentation > 0:
             if augmentation_noise is None:
-                augmentation_noise = torch.randn(
-                    low_res.shape, generator=noise_generator, device=low_res.device
+                augmentation_noise = randn(
+                    *low_res.shape, generator=noise_generator, device=low_res.device
                 )
             elif augmentation_noise.shape != low_res.shape:
                 raise ValueError(

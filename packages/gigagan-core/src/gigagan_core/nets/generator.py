@@ -29,7 +29,13 @@ from torch import Tensor, nn
 
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
 from gigagan_core.nets.conditioning import TextConditioning
-from gigagan_core.nets.styled import StyledAttention, StyledNetwork, StyledNetworkSpec, TextInput
+from gigagan_core.nets.styled import (
+    StyledAttention,
+    StyledNetwork,
+    StyledNetworkSpec,
+    TextInput,
+    randn,
+)
 
 __all__ = [
     "Generator",
@@ -257,9 +263,7 @@ class SynthesisNetwork(nn.Module):
                 noise = None
                 if block.conv.use_noise and noise_mode == "random" and noise_generator is not None:
                     side = x.shape[-1] * block.conv.up
-                    noise = torch.randn(
-                        b, 1, side, side, generator=noise_generator, device=ws.device
-                    )
+                    noise = randn(b, 1, side, side, generator=noise_generator, device=ws.device)
                 x = block(x, ws[:, idx], text, noise, noise_mode)
                 idx += 1
             y = to_rgb(x, ws[:, idx])
