@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gigagan_core.frozen import is_frozen, set_trainable, trainable_parameters
 from gigagan_core.nets.discriminator import MultiScaleDiscriminator
 from gigagan_core.nets.generator import Generator
+from gigagan_core.nets.styled import randn
 from gigagan_core.plugins import get_registry
 from gigagan_core.presets import ModelPreset, load_preset, preset_names, preset_path
 from gigagan_core.specs import SpecFileError
@@ -157,3 +159,33 @@ def test_per_sample_truncation(tiny):
     w = g.map(z, text, psi=torch.tensor([0.0, 1.0]))
     torch.testing.assert_close(w[0], g.mapping.w_avg)
     torch.testing.assert_close(w[1], g.map(z, text)[1])
+
+
+def test_phase_switches_never_unfreeze_the_text_encoder(tiny):
+    torch.manual_seed(0)
+    g = Generator.from_spec(tiny.generator)
+    d = MultiScaleDiscriminator.from_spec(tiny.discriminator, text_encoder=g.text_encoder)
+    assert is_frozen(g.text_encoder) and not is_frozen(g)
+    encoder = {id(p) for p in g.text_encoder.parameters()}
+    assert encoder and not encoder & {id(p) for p in trainable_parameters(d)}
+    trainable = g.num_parameters(trainable_only=True)
+    assert trainable == sum(p.numel() for p in g.parameters()) - sum(
+        p.numel() for p in g.text_encoder.parameters()
+    )
+    set_trainable(d, False)
+    assert not any(p.requires_grad for p in d.parameters())
+    set_trainable(d, True)
+    assert all(p.requires_grad for p in trainable_parameters(d))
+    assert not any(p.requires_grad for p in g.text_encoder.parameters())
+    g.requires_grad_(True)  # the blanket switch reaches it; the count does not change
+    assert g.num_parameters(trainable_only=True) == trainable
+
+
+def test_random_draws_come_from_the_generators_device():
+    # A CPU generator seeds noise for a network on any device: the draw is made where the
+    # generator lives and moved, so the numbers do not depend on the network's device.
+    g = torch.Generator().manual_seed(3)
+    want = torch.randn(2, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = randn(2, 5, generator=g, device="cpu", dtype=torch.float64)
+    assert torch.equal(got, want)
+    assert randn(2, 5, generator=torch.Generator(), device="meta").device.type == "meta"

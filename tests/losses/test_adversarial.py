@@ -16,6 +16,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
+from gigagan_core.frozen import trainable_parameters
 from gigagan_core.nets.discriminator import (
     DiscriminatorOutput,
     MultiScaleDiscriminator,
@@ -489,3 +490,57 @@ def test_one_d_step_and_one_g_step_on_the_tiny_preset(tiny_networks):
     g_params = _trainable(g)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in g_params.values())
     assert sum(p.grad.abs().sum() for p in g_params.values()) > 0
+
+
+# ---- evaluation contexts: no_grad, a second pass after a step, float64 ---------------------
+
+
+def _tiny_context(g: Generator, d: MultiScaleDiscriminator, phase: Phase = "D") -> LossContext:
+    captions = ["a red circle", "two green squares"]
+    real = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        fake = g(g.sample_z(2, seed=3), captions).pyramid
+    return LossContext(
+        phase=phase,
+        step=0,
+        real=real,
+        texts=captions,
+        generator=g,
+        discriminator=d,
+        fake_pyramid=fake,
+    )
+
+
+def test_r1_under_no_grad_gives_the_same_value_detached(tiny_networks):
+    g, d = tiny_networks
+    r1 = R1Penalty(R1PenaltySpec(gamma=1.0, interval=1))
+    want = r1(_tiny_context(g, d))["r1"]
+    assert want.requires_grad
+    with torch.no_grad():
+        got = r1(_tiny_context(g, d))["r1"]
+    assert not got.requires_grad
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_a_context_is_invalidated_for_a_second_pass_after_a_step(tiny_networks):
+    # StyleGAN2 runs lazy R1 as its own optimiser step on the minibatch of the D step.
+    g, d = tiny_networks
+    d_copy = MultiScaleDiscriminator.from_spec(d.spec, text_encoder=g.text_encoder)
+    d_copy.load_state_dict(d.state_dict())
+    ctx = _tiny_context(g, d_copy)
+    opt = torch.optim.SGD(trainable_parameters(d_copy), lr=0.1)
+    AdversarialLoss(AdversarialLossSpec())(ctx)["adv_real"].backward()
+    opt.step()
+    r1 = R1Penalty(R1PenaltySpec(interval=1))
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        r1(ctx)["r1"].backward()  # the cached t_D holds the freed graph of the first pass
+    ctx.invalidate()
+    r1(ctx)["r1"].backward()
+    fresh = _tiny_context(g, d_copy)
+    assert r1(ctx)["r1"].item() == pytest.approx(r1(fresh)["r1"].item(), rel=1e-6)
+
+
+def test_weighted_total_keeps_float64():
+    ctx = stub_context("D")
+    total = AdversarialLoss(AdversarialLossSpec(weight=0.5)).weighted_total(ctx)
+    assert total is not None and total.dtype == torch.float64

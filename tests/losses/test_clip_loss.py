@@ -278,3 +278,12 @@ def test_spec_round_trip_and_validation() -> None:
         CLIPContrastiveLossSpec(model_config={"embed_dim": 16})
     with pytest.raises(ValidationError, match="image_std"):
         CLIPContrastiveLossSpec(image_std=(0.2, 0.0, 0.2))
+
+
+def test_bfloat16_model_shrinks_large_images(loaded: CLIPContrastiveLoss) -> None:
+    # CPU has no bfloat16 antialiased resampling: preprocessing runs in float32.
+    half = copy.deepcopy(loaded).to(torch.bfloat16)
+    fake = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    want = loaded(_ctx(fake, CAPTIONS))["clip"]
+    got = half(_ctx(fake.to(torch.bfloat16), CAPTIONS))["clip"]
+    assert got.item() == pytest.approx(want.item(), rel=0.05)

@@ -4,6 +4,7 @@ through a LossContext. Random weights throughout; nothing is downloaded."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 from pathlib import Path
 
@@ -394,3 +395,13 @@ def test_alexnet_smallest_size(alex: LPIPS) -> None:
     alex(torch.zeros(1, 3, 31, 31), torch.zeros(1, 3, 31, 31))
     with pytest.raises(ValueError, match="at least 31x31"):
         alex(torch.zeros(1, 3, 30, 30), torch.zeros(1, 3, 30, 30))
+
+
+def test_inputs_are_cast_to_the_backbones_precision(alex: LPIPS) -> None:
+    x, y = images(2, 1), images(2, 2)
+    want = alex(x, y)
+    torch.testing.assert_close(alex(x.double(), y.double()), want, rtol=1e-5, atol=1e-6)
+    double = copy.deepcopy(alex).double()
+    torch.testing.assert_close(double(x, y).float(), want, rtol=1e-5, atol=1e-6)
+    half = copy.deepcopy(alex).to(torch.bfloat16)
+    torch.testing.assert_close(half(x, y).float(), want, rtol=0.1, atol=0.02)

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from gigagan_core.frozen import set_trainable
 from gigagan_core.pretrained import _from_checkpoint
 from gigagan_losses.backbones import (
     OPENAI_MEAN,
@@ -386,3 +387,36 @@ def test_out_of_range_levels_are_reported() -> None:
     config["out_indices"] = (2,)
     with pytest.raises(ValueError, match="2 feature levels"):
         VisionAidedLoss(VisionAidedLossSpec(**config))
+
+
+def test_trainable_parameters_leave_the_backbone_frozen_through_a_phase_switch() -> None:
+    # A trainer that switches gradients per phase must not unfreeze the backbone, and the
+    # optimiser gets the heads only.
+    loss = _build("open_clip")
+    assert {id(p) for p in loss.trainable_parameters()} == {id(p) for p in loss.heads.parameters()}
+    set_trainable(loss, False)
+    assert not any(p.requires_grad for p in loss.parameters())
+    set_trainable(loss, True)
+    assert all(p.requires_grad for p in loss.heads.parameters())
+    assert not any(p.requires_grad for p in loss.backbone.parameters())
+    # The blanket switch reaches the backbone; trainable_parameters still leaves it out.
+    loss.requires_grad_(True)
+    assert all(p.requires_grad for p in loss.backbone.parameters())
+    assert {id(p) for p in loss.trainable_parameters()} == {id(p) for p in loss.heads.parameters()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_backbone_and_heads_run_in_their_own_precision(dtype: torch.dtype) -> None:
+    # Images larger than the backbone's input are shrunk with antialiasing, which has no
+    # half-precision CPU kernel: preprocessing works in float32 and hands over in the
+    # backbone's dtype. A module cast as a whole keeps its precision in the terms.
+    reference = _build("open_clip")
+    cast = copy.deepcopy(reference).to(dtype)
+    fake = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    discriminator = _StubDiscriminator(2)
+    want = reference(_ctx("G", fake, discriminator=discriminator))["vision_fake"]
+    cast_d = copy.deepcopy(discriminator).to(dtype)
+    got = cast(_ctx("G", fake.to(dtype), discriminator=cast_d))["vision_fake"]
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = 1e-6 if dtype == torch.float64 else 0.05
+    assert got.item() == pytest.approx(want.item(), rel=tol, abs=tol)

@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from gigagan_core.frozen import freeze, is_frozen, set_trainable, trainable_parameters
 from gigagan_core.plugins import (
     Component,
     Registration,
@@ -26,9 +27,13 @@ __all__ = [
     "Registry",
     "__version__",
     "dump_spec",
+    "freeze",
     "get_registry",
     "hookimpl",
+    "is_frozen",
     "list_components",
     "load_registry",
     "load_spec",
+    "set_trainable",
+    "trainable_parameters",
 ]

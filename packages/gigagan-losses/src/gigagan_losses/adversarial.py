@@ -17,7 +17,8 @@ combined with weights ``w_ij`` (1 unless listed in ``pair_weights``) as a weight
 ``sum w_ij l_ij / sum w_ij`` or a weighted sum. The paper sums the pairs with equal weight
 and does not say more (METHOD §2, **open**); ``reduction = "sum"`` with no weights is that
 sum, and the default ``"mean"`` is the same up to a constant factor (the pair count) that
-keeps the loss's scale independent of the number of pyramid levels.
+keeps the loss's scale independent of the number of pyramid levels. That factor changes the
+balance with :class:`R1Penalty`, which always sums the pairs (see there).
 """
 
 from __future__ import annotations
@@ -305,7 +306,15 @@ class R1Penalty(Loss):
     reach D's text branch through ``t_D``: the input gradient depends on the modulation
     ``t_D`` sets, and smoothing D for the true captions includes that path.
 
-    Active only in the D phase on steps with ``step % interval == 0``.
+    Because the pairs are summed here whatever the adversarial loss's ``reduction``, the
+    default ``reduction = "mean"`` of :class:`AdversarialLoss` (which divides its terms by
+    the pair count ``P``) makes a given ``gamma`` ``P`` times stronger relative to the
+    adversarial loss than under ``"sum"``, the paper's reading: with 4 levels (``P = 10``)
+    divide the paper's ``gamma`` by 10 to keep its balance.
+
+    Active only in the D phase on steps with ``step % interval == 0``. Under
+    ``torch.no_grad`` it still computes the input gradient (with autograd switched back on
+    for the pass) and returns the penalty detached.
     """
 
     phases: ClassVar[frozenset[Phase]] = frozenset({"D"})
@@ -318,12 +327,15 @@ class R1Penalty(Loss):
         return ctx.phase == "D" and ctx.step % self.spec.interval == 0
 
     def discriminator_terms(self, ctx: LossContext) -> dict[str, Tensor]:
+        # The penalty is a gradient, so it needs autograd even where the caller has turned it
+        # off (evaluating the losses for logging); there it is returned detached.
+        training = torch.is_grad_enabled()
         x = ctx.real.detach().requires_grad_(True)
-        with _double_backward_attention(x.device):
+        with torch.enable_grad(), _double_backward_attention(x.device):
             pyramid = build_pyramid(x, len(ctx.fake_pyramid))
             output = ctx.discriminate(pyramid, ctx.text_embedding)
             score = torch.stack([v.sum() for v in output.mean_logits().values()]).sum()
-            (grad,) = torch.autograd.grad(score, x, create_graph=True)
+            (grad,) = torch.autograd.grad(score, x, create_graph=training)
         grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
         penalty = grad.square().sum(dim=(1, 2, 3)).mean()
         return {"r1": penalty * (0.5 * self.spec.gamma * self.spec.interval)}
@@ -349,7 +361,9 @@ class MatchingAwareLossSpec(PairWeightedLossSpec):
     include_fake_mismatched_in_d: bool = Field(
         False,
         description="Add softplus(D(G(c), c_hat)) to D's side too (a generated image with a "
-        "wrong caption is fake twice over); not in the paper.",
+        "wrong caption is fake twice over). Off by default: METHOD section 2 gives D only "
+        "the real-image term; readings of Eq. 8 that also score the generated image with "
+        "the wrong caption turn it on.",
     )
 
     @field_validator("shifts")

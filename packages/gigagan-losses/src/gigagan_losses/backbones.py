@@ -41,6 +41,7 @@ from pydantic import (
 )
 from torch import Tensor, nn
 
+from gigagan_core.frozen import freeze
 from gigagan_core.nets.clip import (
     CLIPWeightsError,
     build_clip_towers,
@@ -238,8 +239,11 @@ class ImagePreprocess(nn.Module):
             raise ValueError(
                 f"images must be 'b c h w' with c = {self.channels}, got {tuple(images.shape)}"
             )
-        x = resize_images((images + 1) * 0.5, self.size, self.interpolation)
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        # Resized and normalised in float32 at least: CPU has no half-precision antialiased
+        # resampling, and the normalisation constants are float32 anyway.
+        work = torch.promote_types(images.dtype, torch.float32)
+        x = resize_images((images.to(work) + 1) * 0.5, self.size, self.interpolation)
+        return ((x - self.mean.to(work)) / self.std.to(work)).to(images.dtype)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, interpolation={self.interpolation!r}"
@@ -306,8 +310,7 @@ def build_open_clip(
             if "logit_scale" in state:
                 logit_scale = state["logit_scale"].detach().float().reshape(-1)[0].clone()
             logger.info("loaded open_clip %s of '%s' from %s", "+".join(towers), model_name, path)
-    built.requires_grad_(False)
-    built.eval()
+    freeze(built)
     return OpenCLIPTowers(built, config, logit_scale)
 
 
@@ -389,8 +392,7 @@ class FrozenImageBackbone(nn.Module):
 
     def _finish(self, out_indices: Sequence[int] | None) -> None:
         """Freeze, then probe the model once for its levels and their channels."""
-        self.requires_grad_(False)
-        super().train(False)
+        freeze(self)
         probe = torch.zeros(1, self.preprocess.channels, *self.preprocess.size)
         with torch.no_grad():
             levels = self._intermediates(probe, None)

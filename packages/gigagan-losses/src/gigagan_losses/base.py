@@ -20,6 +20,11 @@ The context computes the expensive shared things (discriminator outputs on real 
 images, the text embedding, the mismatched-caption outputs) on first use and caches them, so
 five losses that all read ``ctx.d_fake`` cost one discriminator pass. In the ``"D"`` phase
 the fake pyramid is detached; in the ``"G"`` phase it carries the generator's graph.
+
+A context serves **one backward pass and one optimiser step**: its cached outputs hold the
+graph of that pass and the parameters as they were. To run another pass on the same batch
+after a step (for example R1 as its own optimiser step, as StyleGAN2 does), build a new
+context or call :meth:`LossContext.invalidate`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from gigagan_core.frozen import trainable_parameters
 from gigagan_core.nets.pyramid import build_pyramid
 from gigagan_core.nets.text_features import TextFeatures
 from gigagan_core.specs import ComponentSpec
@@ -107,6 +113,10 @@ class LossContext:
     def fake(self) -> Tensor:
         """The generated images at full resolution (``fake_pyramid[0]``)."""
         return self.fake_pyramid[0]
+
+    def invalidate(self) -> None:
+        """Forget every cached value (after a backward or an optimiser step)."""
+        self._cache.clear()
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per context under ``key``; later calls return the same value."""
@@ -188,7 +198,7 @@ class Loss(nn.Module):
     Subclasses set ``phases`` and override the ``*_terms`` methods of those phases. The
     module may own trainable parameters (e.g. vision-aided discriminator heads); the
     trainer gives the parameters of losses active in phase ``"D"`` to the discriminator's
-    optimiser.
+    optimiser (:meth:`trainable_parameters`: frozen backbones are left out).
     """
 
     phases: ClassVar[frozenset[Phase]] = frozenset()
@@ -204,6 +214,11 @@ class Loss(nn.Module):
     @property
     def weight(self) -> float:
         return self.spec.weight
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an optimiser should get: all but those of frozen submodules
+        (backbones marked with :func:`gigagan_core.frozen.freeze`)."""
+        return trainable_parameters(self)
 
     def active(self, ctx: LossContext) -> bool:
         """Whether this loss contributes at this step and phase (default: its phases)."""
@@ -228,4 +243,7 @@ class Loss(nn.Module):
         terms = self(ctx)
         if not terms:
             return None
-        return self.weight * torch.stack([t.float() for t in terms.values()]).sum()
+        dtype = torch.float32  # at least: half-precision terms are summed in float32
+        for t in terms.values():
+            dtype = torch.promote_types(dtype, t.dtype)
+        return self.weight * torch.stack([t.to(dtype) for t in terms.values()]).sum()

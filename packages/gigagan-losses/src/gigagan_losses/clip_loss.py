@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from gigagan_core.frozen import freeze
 from gigagan_core.pretrained import building_from_checkpoint
 from gigagan_losses.backbones import (
     OPENAI_MEAN,
@@ -173,8 +174,7 @@ class FrozenCLIP(nn.Module):
                 "open_clip's bundled SimpleTokenizer is supported"
             )
         self._tokenizer: Any = None
-        self.requires_grad_(False)
-        super().train(False)
+        freeze(self)
 
     def train(self, mode: bool = True) -> Self:
         """Stay in eval mode: the model is frozen."""

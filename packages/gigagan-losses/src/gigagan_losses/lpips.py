@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from gigagan_core.frozen import freeze
 from gigagan_core.pretrained import PretrainedError, building_from_checkpoint, check_state_dict
 from gigagan_losses.base import Loss, LossContext, LossSpec
 
@@ -470,8 +471,7 @@ class LPIPS(nn.Module):
         if linear_file is not None:
             self._load_linear(linear_file)
 
-        self.requires_grad_(False)
-        super().train(False)
+        freeze(self)
 
     def _load_linear(self, path: str) -> None:
         state = _read_state_dict(path, "linear weights")
@@ -512,6 +512,7 @@ class LPIPS(nn.Module):
     def features(self, x: Tensor) -> list[Tensor]:
         """The unit-normalised maps ``b C_k h_k w_k`` (float32) of images ``b 3 h w`` in [-1, 1]."""
         scaled = (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
+        scaled = scaled.to(next(self.backbone.parameters()).dtype)  # the backbone's precision
         # Normalised in float32: in half precision the 1e-10 would round to zero and an
         # all-zero feature vector would divide 0 by 0.
         return [unit_normalize(m.float()) for m in self.backbone(scaled)]

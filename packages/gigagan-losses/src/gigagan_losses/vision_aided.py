@@ -83,7 +83,7 @@ def vision_discriminator_loss(
     sign = -1.0 if real else 1.0
     terms = []
     for logit in logits:
-        logit = logit.float()
+        logit = logit.to(torch.promote_types(logit.dtype, torch.float32))
         if objective == "logistic":
             terms.append(F.softplus(sign * logit).mean())
         elif objective == "hinge":
@@ -102,7 +102,7 @@ def vision_generator_loss(logits: Sequence[Tensor], *, objective: Objective) -> 
         raise ValueError("no logits")
     terms = []
     for logit in logits:
-        logit = logit.float()
+        logit = logit.to(torch.promote_types(logit.dtype, torch.float32))
         if objective == "logistic":
             terms.append(F.softplus(-logit).mean())
         elif objective == "hinge":
@@ -395,12 +395,19 @@ class VisionAidedLoss(Loss):
         """Backbone feature maps of ``b c h w`` images in [-1, 1], normalised if asked."""
         features = self.backbone(images)
         if self.spec.normalize_features:
-            features = [_channel_layer_norm(f.float()) for f in features]
+            features = [
+                _channel_layer_norm(f.to(torch.promote_types(f.dtype, torch.float32)))
+                for f in features
+            ]
         return features
 
     def logits(self, features: Sequence[Tensor], t: Tensor) -> list[Tensor]:
         """One ``b h_k w_k`` logit map per level from the features and the text vector."""
-        return [head(f.float(), t.float()) for head, f in zip(self.heads, features, strict=True)]
+        # The heads run in their own precision (float32 unless the loss module was cast).
+        dtype = next(self.heads.parameters()).dtype
+        return [
+            head(f.to(dtype), t.to(dtype)) for head, f in zip(self.heads, features, strict=True)
+        ]
 
     # ---- terms ----------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 
+from gigagan_core.frozen import trainable_parameters
 from gigagan_core.plugins import get_registry
 from gigagan_core.specs import dump_spec
 from gigagan_train.spec import RunSpec
@@ -48,7 +49,7 @@ def _count_parameters(obj: Any) -> int:
     """Trainable parameters (a frozen text encoder inside a network is not counted)."""
     if not isinstance(obj, nn.Module):
         return 0
-    return sum(p.numel() for p in obj.parameters() if p.requires_grad)
+    return sum(p.numel() for p in trainable_parameters(obj))
 
 
 def _accepts(factory: Any, name: str) -> bool:

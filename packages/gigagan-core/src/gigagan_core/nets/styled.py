@@ -16,6 +16,7 @@ from einops import rearrange
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from gigagan_core.frozen import trainable_parameters
 from gigagan_core.layers.attention import L2CrossAttention, L2SelfAttention
 from gigagan_core.layers.equalized import EqualizedLinear
 from gigagan_core.nets.conditioning import TextConditioning, build_text_path
@@ -24,9 +25,26 @@ from gigagan_core.nets.text_features import TextFeatures
 from gigagan_core.pretrained import PretrainedMixin
 from gigagan_core.specs import AnyTextEncoder, ComponentSpec
 
-__all__ = ["StyledAttention", "StyledNetwork", "StyledNetworkSpec", "TextInput"]
+__all__ = ["StyledAttention", "StyledNetwork", "StyledNetworkSpec", "TextInput", "randn"]
 
 TextInput = Sequence[str] | str | TextFeatures | TextConditioning | None
+
+
+def randn(
+    *shape: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``N(0, 1)`` samples drawn on ``generator``'s device, then moved to ``device``.
+
+    ``torch.randn`` refuses a generator that lives on another device than the output; this
+    lets a CPU generator seed noise for a CUDA network (and gives the same numbers on
+    every device for a CPU generator).
+    """
+    source = generator.device if generator is not None else device
+    out = torch.randn(*shape, generator=generator, device=source, dtype=dtype)
+    return out.to(device) if device is not None else out
 
 
 class StyledNetworkSpec(ComponentSpec):
@@ -226,10 +244,9 @@ class StyledNetwork(PretrainedMixin, nn.Module):
         if generator is None and seed is not None:
             generator = torch.Generator(self._device()).manual_seed(seed)
         w_avg = self.mapping.w_avg
-        return torch.randn(
-            num, self.z_dim, generator=generator, device=w_avg.device, dtype=w_avg.dtype
-        )
+        return randn(num, self.z_dim, generator=generator, device=w_avg.device, dtype=w_avg.dtype)
 
     def num_parameters(self, *, trainable_only: bool = False) -> int:
         """Parameter count (``trainable_only`` leaves out the frozen text encoder)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        params = trainable_parameters(self) if trainable_only else self.parameters()
+        return sum(p.numel() for p in params)

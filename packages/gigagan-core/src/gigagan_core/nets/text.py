@@ -43,6 +43,7 @@ from pydantic import (
 )
 from torch import Tensor, nn
 
+from gigagan_core.frozen import freeze
 from gigagan_core.nets.clip import (
     build_clip_towers,
     check_clip_config,
@@ -224,8 +225,7 @@ class CLIPTextEncoder(PretrainedMixin, nn.Module):
             else:
                 self._load_weights(self.spec.weights)
 
-        self.requires_grad_(False)
-        super().train(False)
+        freeze(self)
 
     @classmethod
     def from_spec(
