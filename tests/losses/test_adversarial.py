@@ -451,29 +451,39 @@ def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
+TINY_CAPTIONS = ["a red circle", "two green squares"]
+
+
+def _tiny_context(
+    g: Generator, d: MultiScaleDiscriminator, phase: Phase = "D", *, track_g: bool = False
+) -> LossContext:
+    """A context on the tiny preset; ``track_g`` keeps G's graph in the fake pyramid."""
+    real = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.set_grad_enabled(track_g):
+        fake = g(g.sample_z(2, seed=3), TINY_CAPTIONS).pyramid
+    return LossContext(
+        phase=phase,
+        step=0,
+        real=real,
+        texts=TINY_CAPTIONS,
+        generator=g,
+        discriminator=d,
+        fake_pyramid=fake,
+    )
+
+
 def test_one_d_step_and_one_g_step_on_the_tiny_preset(tiny_networks):
     g, d = tiny_networks
-    captions = ["a red circle", "two green squares"]
     losses = [
         AdversarialLoss(AdversarialLossSpec()),
         R1Penalty(R1PenaltySpec()),
         MatchingAwareLoss(MatchingAwareLossSpec()),
     ]
-    real = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    z = g.sample_z(2, seed=3)
 
     def step(phase: Phase) -> None:
         g.zero_grad(set_to_none=True)
         d.zero_grad(set_to_none=True)
-        ctx = LossContext(
-            phase=phase,
-            step=0,
-            real=real,
-            texts=captions,
-            generator=g,
-            discriminator=d,
-            fake_pyramid=g(z, captions).pyramid,
-        )
+        ctx = _tiny_context(g, d, phase, track_g=True)
         totals = [loss.weighted_total(ctx) for loss in losses]
         present = [t for t in totals if t is not None]
         assert len(present) == (3 if phase == "D" else 2)  # R1 is D-only
@@ -493,22 +503,6 @@ def test_one_d_step_and_one_g_step_on_the_tiny_preset(tiny_networks):
 
 
 # ---- evaluation contexts: no_grad, a second pass after a step, float64 ---------------------
-
-
-def _tiny_context(g: Generator, d: MultiScaleDiscriminator, phase: Phase = "D") -> LossContext:
-    captions = ["a red circle", "two green squares"]
-    real = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    with torch.no_grad():
-        fake = g(g.sample_z(2, seed=3), captions).pyramid
-    return LossContext(
-        phase=phase,
-        step=0,
-        real=real,
-        texts=captions,
-        generator=g,
-        discriminator=d,
-        fake_pyramid=fake,
-    )
 
 
 def test_r1_under_no_grad_gives_the_same_value_detached(tiny_networks):
