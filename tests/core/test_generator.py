@@ -267,7 +267,9 @@ def test_tampered_config_is_a_clear_error(gen, tmp_path):
         Generator.from_pretrained(folder)
     config["kind"] = "ms-io"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(PretrainedError, match="holds a 'ms-io'"):
+    with pytest.raises(
+        PretrainedError, match="holds a model of kind 'ms-io', but Generator loads kind 'gigagan'"
+    ):
         Generator.from_pretrained(folder)
 
 
@@ -300,3 +302,29 @@ def test_generator_builds_through_the_registry(tiny_spec):
     g = tiny_spec.build()
     assert isinstance(g, Generator)
     assert g.spec == tiny_spec
+
+
+def test_interpolating_full_styles_keeps_their_shape(gen, tiny_spec):
+    ws = gen.broadcast(gen.map(gen.sample_z(2, seed=4), gen.encode_text(["a", "b"])))
+    path = Generator.interpolate(ws[:1], ws[1:], 4, "lerp")
+    assert path.shape == (4, gen.num_ws, tiny_spec.w_dim)
+    torch.testing.assert_close(path[0], ws[0])
+    torch.testing.assert_close(path[-1], ws[1])
+    text = gen.encode_text(["a"] * 4)
+    assert gen.synthesize(path, text).image.shape == (
+        4,
+        3,
+        tiny_spec.resolution,
+        tiny_spec.resolution,
+    )
+    with pytest.raises(ValueError, match="two latents of one shape"):
+        Generator.interpolate(ws[0], ws[0, 0], 3)
+
+
+def test_batch_errors_are_named(gen, tiny_spec):
+    w = gen.map(gen.sample_z(3, seed=0), gen.encode_text(["a", "b", "c"]))
+    with pytest.raises(ValueError, match="w_coarse has 3 rows and w_fine 2"):
+        gen.style_mix(w, w[:2], 1)
+    assert gen.style_mix(w, w[:1], 1).shape == (3, gen.num_ws, tiny_spec.w_dim)
+    with pytest.raises(ValueError, match=r"z must have shape \(b, 16\) with b >= 1, got \(0, 16\)"):
+        gen(torch.zeros(0, tiny_spec.z_dim), [])

@@ -78,8 +78,11 @@ def test_discriminator_judges_generator_pyramid_and_real_images(tiny):
     torch.manual_seed(0)
     g = Generator.from_spec(tiny.generator)
     d = MultiScaleDiscriminator.from_spec(tiny.discriminator, text_encoder=g.text_encoder)
-    fake = d(g(torch.randn(2, tiny.generator.z_dim), CAPTIONS).pyramid, CAPTIONS)
+    output = g(torch.randn(2, tiny.generator.z_dim), CAPTIONS)
+    fake = d(output.pyramid, CAPTIONS)
     real = d(torch.rand(2, 3, 16, 16) * 2 - 1, CAPTIONS)
+    same = d(output, CAPTIONS)  # the output object stands for its pyramid
+    assert all(torch.equal(same[key], fake[key]) for key in fake.pairs())
     assert fake.pairs() == real.pairs()
     for key in fake.pairs():
         assert fake[key].shape == real[key].shape == (2, 16 >> key[1], 16 >> key[1])
@@ -103,6 +106,8 @@ def test_text_conditional_networks_run_in_other_dtypes(tiny, dtype, tmp_path):
     d = d.to(dtype)
     out = g.sample(CAPTIONS, seed=0)
     assert out.image.dtype == dtype
+    # A float32 z (torch's default) still runs in the network's precision.
+    assert g(torch.randn(2, tiny.generator.z_dim), CAPTIONS).image.dtype == dtype
     fake = g(g.sample_z(2, seed=1), CAPTIONS).pyramid
     sum(v.float().mean() for v in d(fake, CAPTIONS).logits.values()).backward()
     assert g.synthesis.to_rgb[0].weight.grad.dtype == dtype

@@ -3,6 +3,12 @@
 The config alone rebuilds the module (through the plugin registry, so a third-party
 component saves and loads the same way); the weights file then fills it. Loading checks every
 tensor name and shape and reports all mismatches at once. Nothing is pickled.
+
+A save writes both files to temporary names first and renames them into place only when
+both are complete, so a failed save leaves the previous one intact. Both files carry one
+random save id (``config.json``'s ``"_save_id"`` key, the weights' metadata): a crash
+between the two renames leaves new weights beside the old config, which loading refuses
+instead of filling the wrong model. Editing ``config.json`` by hand keeps its id.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import contextvars
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -34,6 +41,7 @@ __all__ = [
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "gigagan.pretrained/1"
+SAVE_ID_KEY = "_save_id"
 
 _FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "gigagan_from_checkpoint", default=False
@@ -100,6 +108,32 @@ def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _file_mode() -> int:
+    umask = os.umask(0o022)  # read it; there is no getter
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _write_atomic(files: dict[Path, Callable[[Path], object]]) -> None:
+    """Write every file to a unique temporary name beside its target, then rename them all
+    into place in order: a failure while writing leaves every target as it was, and only
+    a crash between the renames can leave some replaced and some not."""
+    temps: dict[Path, Path] = {}
+    try:
+        for target, write in files.items():
+            with tempfile.NamedTemporaryFile(
+                "wb", dir=target.parent, prefix=f".{target.name}-", suffix=".tmp", delete=False
+            ) as handle:
+                temps[target] = Path(handle.name)
+            write(temps[target])
+            os.chmod(temps[target], _file_mode())  # mkstemp makes owner-only files
+        for target, tmp in temps.items():
+            os.replace(tmp, target)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+
+
 class PretrainedMixin:
     """Adds ``save_pretrained`` / ``from_pretrained`` to an ``nn.Module`` built from a spec.
 
@@ -113,32 +147,32 @@ class PretrainedMixin:
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created).
 
-        Each file is written to a temporary name and renamed into place, so an interrupted
-        save never leaves a half-written file where a good one was.
+        Both files are written to temporary names and renamed into place once complete, so
+        a failed save leaves the previous one intact; both carry one save id, so the files
+        of two different saves are detected on load. Files get the usual permissions
+        (``0666`` less the umask).
         """
         from safetensors.torch import save_file
 
         assert isinstance(self, nn.Module)
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-        config = self.spec.model_dump(mode="json")
+        save_id = uuid.uuid4().hex
+        config = {SAVE_ID_KEY: save_id, **self.spec.model_dump(mode="json")}
         metadata = {
             "format": FORMAT,
             "role": type(self.spec).role,
             "kind": self.spec.kind,
+            SAVE_ID_KEY: save_id,
         }
-        with tempfile.NamedTemporaryFile(
-            "wb", dir=folder, prefix=".model-", suffix=".tmp", delete=False
-        ) as tmp:
-            tmp_weights = Path(tmp.name)
-        try:
-            save_file(_unshare(self.state_dict()), tmp_weights, metadata=metadata)
-            os.replace(tmp_weights, folder / WEIGHTS_NAME)
-        finally:
-            tmp_weights.unlink(missing_ok=True)
-        tmp_config = folder / f".{CONFIG_NAME}.tmp"
-        tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp_config, folder / CONFIG_NAME)
+        state = _unshare(self.state_dict())
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        _write_atomic(
+            {
+                folder / WEIGHTS_NAME: lambda tmp: save_file(state, tmp, metadata=metadata),
+                folder / CONFIG_NAME: lambda tmp: tmp.write_text(text),
+            }
+        )
         return folder
 
     @classmethod
@@ -151,11 +185,13 @@ class PretrainedMixin:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise PretrainedError(f"{path}: not readable JSON ({exc})") from exc
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != SAVE_ID_KEY}
         expected = cls.spec_class.default_kind()
         if isinstance(data, dict) and data.get("kind") not in (None, expected):
             raise PretrainedError(
-                f"{path}: holds a '{data.get('kind')}' {cls.spec_class.role}, but "
-                f"{cls.__name__} loads '{expected}'"
+                f"{path}: holds a model of kind '{data.get('kind')}', but {cls.__name__} "
+                f"loads kind '{expected}'"
             )
         try:
             return cls.spec_class.model_validate(data)
@@ -176,25 +212,99 @@ class PretrainedMixin:
         :class:`PretrainedError` lists what differs. A checkpoint whose floating tensors
         share one dtype loads into a module of that dtype. The module is returned in eval
         mode.
-        """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
-        spec = cls.load_config(directory)
-        weights = Path(directory) / WEIGHTS_NAME
+        ``runtime`` goes to ``from_spec``; a module passed there (a text encoder shared with
+        another network) is used as it is: the checkpoint's copy of it must equal it, and
+        it is neither overwritten nor cast nor moved.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        folder = Path(directory)
+        spec = cls.load_config(folder)
+        weights = folder / WEIGHTS_NAME
         if not weights.is_file():
             raise PretrainedError(f"{weights}: not found")
         try:
-            state = load_file(weights, device=str(map_location))
-        except (SafetensorError, OSError, ValueError) as exc:
+            with safe_open(str(weights), framework="pt", device=str(map_location)) as f:
+                metadata = f.metadata() or {}
+                state = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise PretrainedError(f"{weights}: not a readable safetensors file ({exc})") from exc
+        _check_same_save(folder, metadata)
         with _from_checkpoint():
             module = cls.from_spec(spec, **runtime)  # type: ignore[attr-defined]
         check_state_dict(module.state_dict(), state, str(weights))
-        # Keep the checkpoint's precision: a float64 or bfloat16 model comes back as one
-        # instead of being rounded into a float32 module.
-        float_dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-        if len(float_dtypes) == 1:
-            module = module.to(float_dtypes.pop())
-        module.load_state_dict(state, strict=True)
-        return module.to(map_location).eval()
+        shared = _shared_submodules(module, runtime)
+        for prefix, sub in shared.items():
+            _check_shared(prefix, sub, state, weights)
+        keep = {
+            name: tensor
+            for name, tensor in state.items()
+            if not any(name.startswith(prefix + ".") for prefix in shared)
+        }
+        with _detached(module, list(shared)):
+            # Keep the checkpoint's precision: a float64 or bfloat16 model comes back as one
+            # instead of being rounded into a float32 module.
+            float_dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+            if len(float_dtypes) == 1:
+                module = module.to(float_dtypes.pop())
+            module.load_state_dict(keep, strict=True)
+            module = module.to(map_location)
+        return module.eval()
+
+
+def _check_same_save(folder: Path, metadata: dict[str, str]) -> None:
+    saved = metadata.get(SAVE_ID_KEY)
+    try:
+        config_id = json.loads((folder / CONFIG_NAME).read_text()).get(SAVE_ID_KEY)
+    except (OSError, json.JSONDecodeError, AttributeError):  # load_config reported those
+        config_id = None
+    if saved is not None and config_id is not None and saved != config_id:
+        raise PretrainedError(
+            f"{folder}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves (save ids "
+            f"{config_id} and {saved}); a save was probably interrupted between the two "
+            "files. Save the model again, or restore both files from one save."
+        )
+
+
+def _shared_submodules(module: nn.Module, runtime: dict[str, Any]) -> dict[str, nn.Module]:
+    """Where the modules passed at runtime sit in ``module`` (``prefix -> submodule``)."""
+    given = [value for value in runtime.values() if isinstance(value, nn.Module)]
+    if not given:
+        return {}
+    return {
+        name: sub
+        for name, sub in module.named_modules(remove_duplicate=False)
+        if name and any(sub is g for g in given)
+    }
+
+
+def _check_shared(
+    prefix: str, sub: nn.Module, state: dict[str, torch.Tensor], source: Path
+) -> None:
+    for name, tensor in sub.state_dict().items():
+        saved = state[f"{prefix}.{name}"]
+        if not torch.equal(tensor.to(saved.device, saved.dtype), saved):
+            raise PretrainedError(
+                f"{source}: the {prefix} passed to from_pretrained differs from the one saved "
+                f"in the checkpoint (first at {prefix}.{name}); pass the module the model was "
+                "saved with, or none to load the saved one"
+            )
+
+
+@contextlib.contextmanager
+def _detached(module: nn.Module, prefixes: list[str]) -> Iterator[None]:
+    """Take the submodules at ``prefixes`` out of ``module`` for the block (so ``.to`` and
+    ``load_state_dict`` pass them by), then put them back."""
+    removed = []
+    for prefix in sorted(prefixes, key=len, reverse=True):
+        parent_name, _, child = prefix.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        if parent._modules.get(child) is not None:
+            removed.append((parent, child, parent._modules[child]))
+            parent._modules[child] = None
+    try:
+        yield
+    finally:
+        for parent, child, sub in reversed(removed):
+            parent._modules[child] = sub

@@ -487,6 +487,8 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
 
     def _as_pyramid(self, images: Tensor | Sequence[Tensor]) -> list[Tensor]:
         channels, resolution = self.spec.image_channels, self.spec.resolution
+        # A generator's or upsampler's output object stands for its pyramid.
+        images = getattr(images, "pyramid", images)
         if isinstance(images, Tensor):
             if images.ndim != 4 or images.shape[1:] != (channels, resolution, resolution):
                 raise ValueError(

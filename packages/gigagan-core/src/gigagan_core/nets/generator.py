@@ -342,6 +342,12 @@ class Generator(StyledNetwork):
         if not 0 <= layer <= self.num_ws:
             raise ValueError(f"layer must lie in [0, {self.num_ws}], got {layer}")
         ws_coarse, ws_fine = self.broadcast(w_coarse), self.broadcast(w_fine)
+        sizes = {ws_coarse.shape[0], ws_fine.shape[0]}
+        if len(sizes - {1}) > 1:
+            raise ValueError(
+                f"w_coarse has {ws_coarse.shape[0]} rows and w_fine {ws_fine.shape[0]}; give "
+                "both the same batch size (or one of them a batch of 1)"
+            )
         rows = torch.arange(self.num_ws, device=ws_coarse.device)[None, :, None]
         return torch.where(rows < layer, ws_coarse, ws_fine)
 
@@ -351,18 +357,27 @@ class Generator(StyledNetwork):
     ) -> Tensor:
         """``steps`` points from ``a`` to ``b`` (both ends included) along dim 0.
 
-        ``a``, ``b``: ``d`` or ``1 d`` latents (or styles); returns ``steps d``. Use slerp
-        for Gaussian ``z`` and lerp for ``w``.
+        ``a``, ``b``: one latent or style each, of one shape: ``d``, ``num_ws d``, or either
+        with a leading batch of 1; returns ``steps`` of that shape stacked (``steps d`` or
+        ``steps num_ws d``). Use slerp for Gaussian ``z`` and lerp for ``w``.
         """
         if steps < 2:
             raise ValueError(f"steps must be at least 2, got {steps}")
+        if method not in ("slerp", "lerp"):
+            raise ValueError(f"method must be 'slerp' or 'lerp', got {method!r}")
+        shape = a.shape[1:] if a.ndim > 1 and a.shape[0] == 1 else a.shape
+        if b.numel() != a.numel():
+            raise ValueError(
+                f"interpolate needs two latents of one shape, got {tuple(a.shape)} and "
+                f"{tuple(b.shape)}"
+            )
         a, b = a.reshape(1, -1), b.reshape(1, -1)
         t = torch.linspace(0, 1, steps, device=a.device, dtype=a.dtype)[:, None]
         if method == "slerp":
-            return slerp(a.expand(steps, -1), b.expand(steps, -1), t)
-        if method == "lerp":
-            return torch.lerp(a, b, t)
-        raise ValueError(f"method must be 'slerp' or 'lerp', got {method!r}")
+            out = slerp(a.expand(steps, -1), b.expand(steps, -1), t)
+        else:
+            out = torch.lerp(a, b, t)
+        return out.reshape(steps, *shape)
 
     # ---- generation -----------------------------------------------------------------------
 
@@ -392,6 +407,10 @@ class Generator(StyledNetwork):
         update_w_avg: bool | None = None,
     ) -> GeneratorOutput:
         """``z: b z_dim`` and ``b`` captions to the image pyramid (highest resolution first)."""
+        if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] != self.z_dim:
+            raise ValueError(
+                f"z must have shape (b, {self.z_dim}) with b >= 1, got {tuple(z.shape)}"
+            )
         text = self.encode_text(texts, batch_size=z.shape[0])
         if text is not None and len(text) != z.shape[0]:
             raise ValueError(f"got {z.shape[0]} latents but {len(text)} captions")

@@ -88,7 +88,8 @@ class MappingNetwork(nn.Module):
     ) -> Tensor:
         if z.ndim != 2 or z.shape[1] != self.z_dim:
             raise ValueError(f"z must have shape (b, {self.z_dim}), got {tuple(z.shape)}")
-        x = normalize_2nd_moment(z)
+        # The network computes in its own precision, whatever z was drawn in.
+        x = normalize_2nd_moment(z.to(self.w_avg.dtype))
         if self.embed is not None:
             if c is None:
                 raise ValueError("this mapping network is text-conditional; pass t_global")
