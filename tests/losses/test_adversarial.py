@@ -9,6 +9,7 @@ mean and the caption's value, so every expected loss is computed here with ``mat
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -538,3 +539,14 @@ def test_weighted_total_keeps_float64():
     ctx = stub_context("D")
     total = AdversarialLoss(AdversarialLossSpec(weight=0.5)).weighted_total(ctx)
     assert total is not None and total.dtype == torch.float64
+
+
+def test_a_generator_phase_without_generator_gradient_warns(tiny_networks):
+    g, d = tiny_networks
+    with pytest.warns(UserWarning, match="the generator would not train"):
+        _tiny_context(g, d, "G")  # fakes made under no_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _tiny_context(g, d, "G", track_g=True)
+        with torch.no_grad():  # evaluating on purpose
+            _tiny_context(g, d, "G")

@@ -29,6 +29,7 @@ context or call :meth:`LossContext.invalidate`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -66,7 +67,9 @@ class LossContext:
     - ``generator``, ``discriminator``: the networks (``discriminator`` is called as
       ``D(pyramid, text_embedding=t)`` and exposes ``encode_text`` and ``levels``).
     - ``fake_pyramid``: the generator's images for ``texts``, highest resolution first;
-      detached here in the ``"D"`` phase.
+      detached here in the ``"D"`` phase. In the ``"G"`` phase, with a ``generator`` and
+      gradients enabled, a pyramid that carries no gradient draws a warning (G would not
+      train).
     - ``text_features``: the frozen encoder's output for ``texts`` if the step has it
       (losses that need captions in another form read ``texts``).
     - ``extras``: free-form values a trainer or plugin wants to pass along.
@@ -101,6 +104,19 @@ class LossContext:
         self.discriminator = discriminator
         pyramid = list(fake_pyramid)
         self.fake_pyramid = [x.detach() for x in pyramid] if phase == "D" else pyramid
+        if (
+            phase == "G"
+            and generator is not None
+            and torch.is_grad_enabled()
+            and pyramid
+            and not any(x.requires_grad for x in pyramid)
+        ):
+            warnings.warn(
+                "LossContext: phase 'G' with a generated pyramid that carries no gradient "
+                "(detached, or made under no_grad): the generator would not train. Pass "
+                "G's output as it is, or build the context under torch.no_grad to evaluate.",
+                stacklevel=2,
+            )
         self.text_features = text_features
         self.extras = dict(extras or {})
         self._cache: dict[str, Any] = {}
