@@ -33,19 +33,16 @@ from typing import Any, Literal, NamedTuple, Self
 import torch
 import torch.nn.functional as F
 from pydantic import (
-    ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     field_validator,
-    model_serializer,
 )
 from torch import Tensor, nn
 
 from gigagan_core.frozen import freeze
 from gigagan_core.nets.clip import (
     CLIPWeightsError,
+    OpenCLIPConfigFields,
     build_clip_towers,
-    check_clip_config,
     extract_text_state_dict,
     extract_visual_state_dict,
     load_clip_state_dict,
@@ -106,7 +103,7 @@ class BackboneWeightsError(PretrainedError):
 # --------------------------------------------------------------------------------------------
 
 
-class CLIPModelSpec(LossSpec):
+class CLIPModelSpec(LossSpec, OpenCLIPConfigFields):
     """Spec fields of a loss that runs a frozen open_clip model (no ``kind``: a base class).
 
     The open_clip model config is the field ``model_cfg``, written ``model_config`` in spec
@@ -114,21 +111,12 @@ class CLIPModelSpec(LossSpec):
     as in :class:`gigagan_core.nets.text.CLIPTextEncoderSpec`.
     """
 
-    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True)
-
     model_name: str = Field(
         "ViT-B-32",
         description="open_clip model name whose bundled config is built (ViT-B-32 is the "
         "image encoder the paper names for the vision-aided loss). OpenAI's original "
         "weights need the '-quickgelu' name (e.g. ViT-B-32-quickgelu). With model_config "
         "given, only a label.",
-    )
-    model_cfg: dict[str, Any] | None = Field(
-        None,
-        alias="model_config",
-        description="A full open_clip model config (embed_dim, vision_cfg, text_cfg, "
-        "optional quick_gelu) that replaces the bundled config of model_name, e.g. a tiny "
-        "random model for tests.",
     )
     weights: str | None = Field(
         None,
@@ -162,13 +150,6 @@ class CLIPModelSpec(LossSpec):
         "config for timm).",
     )
 
-    @field_validator("model_cfg")
-    @classmethod
-    def _check_model_cfg(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            check_clip_config(value, "model_config")
-        return value
-
     @field_validator("image_std")
     @classmethod
     def _positive_std(
@@ -177,14 +158,6 @@ class CLIPModelSpec(LossSpec):
         if value is not None and any(s <= 0 for s in value):
             raise ValueError(f"image_std must be positive, got {value}")
         return value
-
-    @model_serializer(mode="wrap")
-    def _serialize(self, handler: SerializerFunctionWrapHandler) -> Any:
-        # Spec files spell the field 'model_config', whichever way the caller dumps.
-        data = handler(self)
-        if isinstance(data, dict) and "model_cfg" in data:
-            data = {("model_config" if k == "model_cfg" else k): v for k, v in data.items()}
-        return data
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 from torch import Tensor, nn
 
 from gigagan_core.pretrained import PretrainedError, check_state_dict
@@ -51,6 +59,7 @@ from gigagan_core.pretrained import PretrainedError, check_state_dict
 __all__ = [
     "TOWERS",
     "CLIPWeightsError",
+    "OpenCLIPConfigFields",
     "build_clip_towers",
     "check_clip_config",
     "extract_text_state_dict",
@@ -411,3 +420,37 @@ def load_tower_state_dict(
     except PretrainedError as err:
         raise CLIPWeightsError(f"{err}{_hint(expected, state_dict)}") from err
     tower.load_state_dict(state_dict, strict=True)
+
+
+class OpenCLIPConfigFields(BaseModel):
+    """The ``model_config`` spec field of every component that builds an open_clip model.
+
+    pydantic reserves the attribute ``model_config`` for its own settings, so the field is
+    ``model_cfg`` in Python and ``model_config`` in spec files: accepted under either name,
+    always written as ``model_config``. Mixed into a spec class beside its component base.
+    """
+
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True)
+
+    model_cfg: dict[str, Any] | None = Field(
+        None,
+        alias="model_config",
+        description="A full open_clip model config (embed_dim, text_cfg, vision_cfg, "
+        "optional quick_gelu) that replaces the bundled config of model_name, e.g. a tiny "
+        "random model for tests.",
+    )
+
+    @field_validator("model_cfg")
+    @classmethod
+    def _check_model_cfg(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            check_clip_config(value, "model_config")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # Spec files spell the field 'model_config', whichever way the caller dumps.
+        data = handler(self)
+        if isinstance(data, dict) and "model_cfg" in data:
+            data = {("model_config" if k == "model_cfg" else k): v for k, v in data.items()}
+        return data

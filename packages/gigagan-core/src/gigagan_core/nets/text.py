@@ -35,18 +35,14 @@ from typing import Any, ClassVar, Literal, Self
 
 import torch
 from pydantic import (
-    ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
-    field_validator,
-    model_serializer,
 )
 from torch import Tensor, nn
 
 from gigagan_core.frozen import freeze
 from gigagan_core.nets.clip import (
+    OpenCLIPConfigFields,
     build_clip_towers,
-    check_clip_config,
     extract_text_state_dict,
     load_clip_state_dict,
     load_tower_state_dict,
@@ -75,15 +71,13 @@ def _default_tokenizer() -> Any:
     return SimpleTokenizer()
 
 
-class CLIPTextEncoderSpec(ComponentSpec):
+class CLIPTextEncoderSpec(ComponentSpec, OpenCLIPConfigFields):
     """Spec of :class:`CLIPTextEncoder` (kind ``open-clip``).
 
     The open_clip model config is the field ``model_cfg``, written ``model_config`` in spec
-    files and accepted under either name (pydantic reserves the attribute ``model_config``
-    for its own settings, so read it as ``spec.model_cfg``).
+    files and accepted under either name (:class:`~gigagan_core.nets.clip.OpenCLIPConfigFields`;
+    read it as ``spec.model_cfg``).
     """
-
-    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True)
 
     role: ClassVar[str] = "text_encoder"
     kind: Literal["open-clip"] = "open-clip"
@@ -94,13 +88,6 @@ class CLIPTextEncoderSpec(ComponentSpec):
         "paper's encoder). OpenAI's original weights were trained with QuickGELU: use the "
         "'-quickgelu' name (e.g. ViT-L-14-quickgelu) with them. With model_config given, "
         "only a label.",
-    )
-    model_cfg: dict[str, Any] | None = Field(
-        None,
-        alias="model_config",
-        description="A full open_clip model config (embed_dim, text_cfg, optional "
-        "quick_gelu / vision_cfg) that replaces the bundled config of model_name, e.g. a "
-        "tiny random tower for tests.",
     )
     weights: str | None = Field(
         None,
@@ -125,21 +112,6 @@ class CLIPTextEncoderSpec(ComponentSpec):
         "captions are truncated, then padded); None uses the "
         "config's text_cfg.context_length (77 for CLIP). At most that value.",
     )
-
-    @field_validator("model_cfg")
-    @classmethod
-    def _check_model_cfg(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            check_clip_config(value, "model_config")
-        return value
-
-    @model_serializer(mode="wrap")
-    def _serialize(self, handler: SerializerFunctionWrapHandler) -> Any:
-        # Spec files spell the field 'model_config', whichever way the caller dumps.
-        data = handler(self)
-        if isinstance(data, dict) and "model_cfg" in data:
-            data = {("model_config" if k == "model_cfg" else k): v for k, v in data.items()}
-        return data
 
     def hyperparameters(self) -> dict[str, Any]:
         """Constructor keywords of :class:`CLIPTextEncoder` (``model_cfg`` as ``model_config``)."""
