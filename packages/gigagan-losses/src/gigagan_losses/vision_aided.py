@@ -320,28 +320,21 @@ class VisionAidedLoss(Loss):
     def __init__(self, spec: VisionAidedLossSpec) -> None:
         super().__init__(spec)
         self.backbone: FrozenImageBackbone
+        preprocessing = {
+            "image_size": spec.image_size,
+            "out_indices": spec.out_indices,
+            "image_mean": spec.image_mean,
+            "image_std": spec.image_std,
+            "interpolation": spec.interpolation,
+        }
         if spec.backbone == "open_clip":
             self.backbone = OpenCLIPImageBackbone(
-                spec.model_name,
-                spec.model_cfg,
-                spec.weights,
-                image_size=spec.image_size,
-                out_indices=spec.out_indices,
-                image_mean=spec.image_mean,
-                image_std=spec.image_std,
-                interpolation=spec.interpolation,
+                spec.model_name, spec.model_cfg, spec.weights, **preprocessing
             )
         else:
             assert spec.timm_model is not None  # checked by the spec
             self.backbone = TimmImageBackbone(
-                spec.timm_model,
-                spec.timm_kwargs,
-                spec.timm_weights,
-                image_size=spec.image_size,
-                out_indices=spec.out_indices,
-                image_mean=spec.image_mean,
-                image_std=spec.image_std,
-                interpolation=spec.interpolation,
+                spec.timm_model, spec.timm_kwargs, spec.timm_weights, **preprocessing
             )
 
         generator = torch.Generator().manual_seed(spec.seed)
