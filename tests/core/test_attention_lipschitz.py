@@ -6,8 +6,11 @@ measured. The Jacobian is small here (at most 128 x 128), so its exact spectral 
 the layers run their reference (explicit distance matrix) path, and one test holds the fused
 path to the same numbers.
 
-- L2-MHA (``variant="lipschitz"``): Jacobian norms and secant ratios stay below Kim et al.'s
-  bound B on every drawn input, and nothing grows on the one-token-at-origin family.
+- L2-MHA (``variant="lipschitz"``): Jacobian norms and secant ratios stay below the library's
+  bound B (``docs/lipschitz.md``) on every drawn input, also with W_Q, W_V or W_O scaled by
+  0.1 to 100 and on inputs found by gradient ascent on the Jacobian norm, and nothing grows on
+  the one-token-at-origin family. The often-quoted form of Kim et al.'s bound, linear in
+  ‖W_Q‖, is kept here as a negative control: the same search breaks it.
 - Dot-product attention, the negative control: the same harness sees it grow ≥ 10× per 10×.
 - GigaGAN's layer (``variant="gigagan"``: tied W_Q = W_K, independent W_V, dim_head < dim):
   it saturates on the origin family once the far tokens are apart in every head's query
@@ -55,6 +58,30 @@ def _gigagan(seed: int, dim: int, heads: int, **kwargs: object) -> L2SelfAttenti
 
 def _bound(layer: L2SelfAttention, n: int) -> float:
     return lip.l2_mha_lipschitz_bound(n, *layer.lipschitz_weights())
+
+
+def _published_bound(n: int, layer: L2SelfAttention) -> float:
+    """The often-quoted form of Kim et al.'s Thm 3.2, linear in ‖W_Q‖: *not* a bound.
+
+    ``(√N/√e)·(4·W₀((N−1)/e) + 1)·sqrt(Σ_h ‖W_Q^h‖² ‖W_V^h‖²)·‖W_O‖``. Kept as the negative
+    control of the scaled-weight tests: the values pass through W_Q W_Qᵀ, so the map grows
+    with ‖W_Q‖², and this form falls below the measured Jacobian once W_Q is large.
+    """
+    w_q, w_v, w_o = (w.detach() for w in layer.lipschitz_weights())
+    dim_head = w_q.shape[2]
+
+    def norm(m: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.matrix_norm(m, ord=2)
+
+    per_head = norm(w_q) ** 2 * norm(w_v) ** 2
+    attention = 4.0 * lip.lambert_w0((n - 1) / math.e) + 1.0
+    return float(math.sqrt(n / dim_head) * attention * per_head.sum().sqrt() * norm(w_o))
+
+
+def _scale_weight(layer: L2SelfAttention, which: str, factor: float) -> L2SelfAttention:
+    with torch.no_grad():
+        getattr(layer, which).weight.mul_(factor)
+    return layer
 
 
 def _family(n: int, d: int, seed: int) -> lip.Family:
@@ -153,6 +180,78 @@ def test_residual_l2_mha_adds_exactly_the_identity(data, n, d, heads, seed, gain
     )
     spectral = float(torch.linalg.matrix_norm(jac_block.detach(), ord=2))
     assert spectral <= (1.0 + gain * _bound(attention, n)) * ROUNDING
+
+
+# ---------------------------------------------------------------------------------------------
+# L2-MHA: the bound holds for all weights, and the published form does not
+# ---------------------------------------------------------------------------------------------
+
+WEIGHTS = st.sampled_from(["to_qk", "to_v", "to_out"])
+ANY_N = st.sampled_from([1, 2, 4, 8, 16])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data(), ANY_N, DIMS, HEADS, SEEDS, WEIGHTS, lip.scales(0.1, 100.0))
+def test_l2_mha_bound_holds_for_scaled_weights_on_adversarial_inputs(
+    data, n, d, heads, seed, which, factor
+) -> None:
+    """One of W_Q, W_V, W_O scaled by 0.1…100; inputs drawn, then pushed by gradient ascent
+    on the Jacobian norm. The Jacobian norm anywhere on the path and the secant ratio from the
+    worst input found to a second drawn input stay below B."""
+    layer = _scale_weight(_l2_mha(seed, d, heads), which, factor)
+    f = lip.single_sample(layer)
+    bound = _bound(layer, n)
+    x = data.draw(lip.token_sets(n, d, lip.scales(1e-2, 1e3)), label="start")
+    worst, at = lip.ascend_jacobian_norm(f, x, steps=8)
+    assert worst <= bound * ROUNDING
+    y = data.draw(lip.token_sets(n, d, lip.scales(1e-2, 1e3)), label="other")
+    if not torch.equal(at, y):
+        assert lip.secant_ratio(f, at, y) <= bound * ROUNDING
+    # Nearby: a secant over a short step is almost the local constant at the worst input.
+    nearby = at + 1e-6 * (1.0 + at.abs().max()) * torch.ones_like(at)
+    assert lip.secant_ratio(f, at, nearby) <= bound * ROUNDING
+
+
+def test_one_token_counterexample_meets_the_bound_and_breaks_the_published_form() -> None:
+    """N = 1, dim 1, one head, w_q = 2, w_v = w_o = 1: f(x) = 4x, so Lip = 4.
+
+    B is tight here (L(1) = 1); the published form gives 2."""
+    layer = _l2_mha(0, 1, 1)
+    with torch.no_grad():
+        for name, value in (("to_qk", 2.0), ("to_v", 1.0), ("to_out", 1.0)):
+            module = getattr(layer, name)
+            module.weight.fill_(value / module.weight_gain)
+    f = lip.single_sample(layer)
+    x = torch.tensor([[0.7]], dtype=F64)
+    torch.testing.assert_close(f(x), 4.0 * x, rtol=1e-12, atol=0.0)
+    assert lip.jacobian_norm_exact(f, x) == pytest.approx(4.0, rel=1e-12)
+    assert _bound(layer, 1) == pytest.approx(4.0, rel=1e-12)
+    assert _published_bound(1, layer) == pytest.approx(2.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("factor", [30.0, 100.0])
+def test_published_form_fails_where_the_bound_holds(factor) -> None:
+    """dim 8, 2 heads, 4 tokens, W_Q scaled by 30 or 100: the search that B survives finds
+    Jacobian norms and secant ratios above the published form (the negative control: the
+    harness of the test above can fail)."""
+    n, d = 4, 8
+    layer = _scale_weight(_l2_mha(3, d, 2), "to_qk", factor)
+    f = lip.single_sample(layer)
+    g = torch.Generator().manual_seed(0)
+    worst, at = 0.0, None
+    for t in (0.01, 0.1, 1.0):
+        value, where = lip.ascend_jacobian_norm(
+            f, t * torch.randn(n, d, generator=g, dtype=F64), steps=8
+        )
+        if value > worst:
+            worst, at = value, where
+    assert at is not None
+    published, bound = _published_bound(n, layer), _bound(layer, n)
+    assert worst > 1.5 * published  # measured 2.2x (x30) and 6.4x (x100)
+    assert worst <= bound * ROUNDING
+    nearby = at + 1e-7 * torch.randn(n, d, generator=g, dtype=F64)
+    secant = lip.secant_ratio(f, at, nearby)
+    assert published < secant <= bound * ROUNDING
 
 
 # ---------------------------------------------------------------------------------------------

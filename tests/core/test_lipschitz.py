@@ -274,14 +274,24 @@ def test_bound_matches_a_hand_computation() -> None:
     w_v = torch.tensor([[[2.0], [0.0]], [[5.0], [12.0]]], dtype=F64)
     # W_O = 2·I (2 x 2): spectral norm 2.
     w_o = 2.0 * torch.eye(2, dtype=F64)
-    # N = 3: W₀(2/e) = 0.4630555133655488 (W₀(2/e)·exp(W₀(2/e)) = 2/e).
+    # N = 3: W₀(2/e) = 0.4630555133655488 (W₀(2/e)·exp(W₀(2/e)) = 2/e); ω₁ = W₀(1/e);
+    # κ = √a/(1 + eᵃ) at the root of a = (1 + e⁻ᵃ)/2.
     w0 = 0.4630555133655488
     assert w0 * math.exp(w0) == pytest.approx(2.0 / math.e, rel=1e-14)
-    expected = math.sqrt(3.0 / 1.0) * (4.0 * w0 + 1.0) * math.sqrt(25.0 * 4.0 + 1.0 * 169.0) * 2.0
-    assert lip.l2_mha_lipschitz_bound(3, w_q, w_v, w_o) == pytest.approx(expected, rel=1e-12)
-    # One token: W₀(0) = 0, so B = sqrt(Σ_h ...)·‖W_O‖ / sqrt(d).
+    omega = 0.2784645427610738
+    assert omega * math.exp(omega) == pytest.approx(1.0 / math.e, rel=1e-14)
+    a = 0.7388350311  # a = (1 + e^-a)/2
+    assert a == pytest.approx(0.5 * (1.0 + math.exp(-a)), rel=1e-9)
+    kappa = math.sqrt(a) / (1.0 + math.exp(a))
+    kernel = math.sqrt(2.0) + 2.0 * w0 + 2.0 * math.sqrt(w0 * 2.0 * (omega + kappa * math.sqrt(w0)))
+    assert lip.l2_attention_kernel_bound(3) == pytest.approx(kernel, rel=1e-9)
+    # sqrt(Σ_h ‖W_Q^h‖⁴ ‖W_V^h‖²) = sqrt(625·4 + 1·169), d = 1.
+    expected = kernel * math.sqrt(625.0 * 4.0 + 169.0) * 2.0
+    assert lip.l2_mha_lipschitz_bound(3, w_q, w_v, w_o) == pytest.approx(expected, rel=1e-9)
+    # One token: L(1) = 1 (the attention is the identity), so B = sqrt(Σ_h ...)·‖W_O‖ / sqrt(d).
+    assert lip.l2_attention_kernel_bound(1) == 1.0
     assert lip.l2_mha_lipschitz_bound(1, w_q, w_v, w_o) == pytest.approx(
-        math.sqrt(269.0) * 2.0, rel=1e-12
+        math.sqrt(2669.0) * 2.0, rel=1e-12
     )
 
 
@@ -296,15 +306,94 @@ def test_bound_matches_a_hand_computation() -> None:
     st.floats(0.1, 10.0),
     st.floats(0.1, 10.0),
 )
-def test_bound_is_homogeneous_in_each_weight(heads, dim, dim_head, n, seed, a, b, c) -> None:
+def test_bound_is_quadratic_in_w_q_and_linear_in_w_v_and_w_o(
+    heads, dim, dim_head, n, seed, a, b, c
+) -> None:
+    # W_Q enters the logits and, through W_Q W_Qᵀ, the values: scaling it by a scales the map
+    # like a² when the attention is saturated (one token: exactly), so the bound must too.
     g = torch.Generator().manual_seed(seed)
     w_q = torch.randn(heads, dim, dim_head, generator=g, dtype=F64)
     w_v = torch.randn(heads, dim, dim_head, generator=g, dtype=F64)
     w_o = torch.randn(heads * dim_head, dim, generator=g, dtype=F64)
     base = lip.l2_mha_lipschitz_bound(n, w_q, w_v, w_o)
     scaled = lip.l2_mha_lipschitz_bound(n, a * w_q, b * w_v, c * w_o)
-    assert scaled == pytest.approx(a * b * c * base, rel=1e-10)
+    assert scaled == pytest.approx(a * a * b * c * base, rel=1e-10)
     assert lip.l2_mha_lipschitz_bound(n + 1, w_q, w_v, w_o) > base  # grows with N
+
+
+def test_kernel_bound_grows_with_n_and_stays_below_the_published_constant() -> None:
+    previous = 0.0
+    for n in [*range(1, 65), 10**3, 10**6]:
+        value = lip.l2_attention_kernel_bound(n)
+        assert value > previous
+        previous = value
+        # Kim et al.'s constant √N·(4·W₀((N − 1)/e) + 1): ours is never looser.
+        assert value <= math.sqrt(n) * (4.0 * lip.lambert_w0((n - 1) / math.e) + 1.0) + 1e-12
+    with pytest.raises(ValueError, match="at least 1"):
+        lip.l2_attention_kernel_bound(0)
+    with pytest.raises(TypeError, match="int"):
+        lip.l2_attention_kernel_bound(2.0)  # type: ignore[arg-type]
+
+
+def _weight_free_l2_attention(temperature: float) -> lip.TensorMap:
+    def g(z: torch.Tensor) -> torch.Tensor:
+        sq = (z[:, None, :] - z[None, :, :]).square().sum(-1)
+        return torch.softmax(-temperature * sq, dim=-1) @ z
+
+    return g
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 4), lip.scales(1e-2, 1e2), lip.scales(0.1, 10.0), SEEDS)
+def test_kernel_bound_holds_on_adversarial_inputs(n, e, t, temperature, seed) -> None:
+    g = _weight_free_l2_attention(temperature)
+    x = t * torch.randn(n, e, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    worst, _ = lip.ascend_jacobian_norm(g, x, steps=15)
+    assert worst <= lip.l2_attention_kernel_bound(n) * (1 + 1e-9)
+
+
+def test_kernel_bound_is_tight_at_one_token_and_not_absurd_at_two() -> None:
+    g = _weight_free_l2_attention(1.0)
+    x = torch.tensor([[0.3]], dtype=F64)
+    assert lip.jacobian_norm_exact(g, x) == pytest.approx(1.0, rel=1e-12)
+    # Two tokens in one dimension: a search finds ~1.60 against L(2) ≈ 2.47.
+    worst, _ = lip.ascend_jacobian_norm(g, torch.tensor([[0.0], [1.0]], dtype=F64), steps=40)
+    assert 0.5 * lip.l2_attention_kernel_bound(2) < worst <= lip.l2_attention_kernel_bound(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adversarial search
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=15, deadline=None)
+@given(linear_maps(), SEEDS)
+def test_ascent_on_a_linear_map_returns_its_norm_and_does_not_move_it(case, seed) -> None:
+    a, _, top = case
+    x = torch.randn(2, a.shape[1], generator=torch.Generator().manual_seed(seed), dtype=F64)
+    value, where = lip.ascend_jacobian_norm(lambda t: t @ a.T, x, steps=3)
+    assert value == pytest.approx(top, rel=1e-10)
+    assert where.shape == x.shape
+
+
+def test_ascent_never_reports_less_than_its_start_and_climbs_on_a_tanh_mlp() -> None:
+    mlp = _tanh_mlp(3, 6, seed=5)
+    x = 3.0 * torch.randn(2, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    start = lip.jacobian_norm_exact(mlp, x)
+    value, where = lip.ascend_jacobian_norm(mlp, x, steps=20)
+    assert value >= start
+    assert lip.jacobian_norm_exact(mlp, where) == pytest.approx(value, rel=1e-9)
+    # Far out the tanh units saturate and the local constant drops; the ascent climbs back
+    # towards where they are not (measured: 0.53 to 0.75).
+    assert value > 1.3 * start
+
+
+def test_ascent_rejects_bad_arguments() -> None:
+    x = torch.ones(2, 2, dtype=F64)
+    with pytest.raises(ValueError, match="steps"):
+        lip.ascend_jacobian_norm(torch.tanh, x, steps=-1)
+    with pytest.raises(ValueError, match="step_size"):
+        lip.ascend_jacobian_norm(torch.tanh, x, step_size=0.0)
 
 
 def test_bound_rejects_inconsistent_shapes() -> None:

@@ -20,6 +20,8 @@ Estimators (``f`` maps one tensor to one tensor, any shapes)
         The same number from the full Jacobian; for small inputs and for cross-checks.
     :func:`secant_ratio`
         ``‖f(x) − f(y)‖ / ‖x − y‖`` for one pair; every value is a lower bound on Lip(f).
+    :func:`ascend_jacobian_norm`
+        Gradient ascent on ``‖J_f(x)‖₂`` from a start input: adversarial inputs for a bound.
     :func:`jacobian_growth`
         ``J(family(t_large)) / J(family(t_small))`` along a one-parameter input family:
         about ``(t_large/t_small)^k`` when the local constant grows like ``t^k``, about 1 when
@@ -28,9 +30,12 @@ Estimators (``f`` maps one tensor to one tensor, any shapes)
 Bounds
     :func:`lambert_w0`
         The principal branch of the Lambert W function (real argument ≥ −1/e).
+    :func:`l2_attention_kernel_bound`
+        ``L(N)``: a Lipschitz bound for weight-free L2 self-attention on N tokens.
     :func:`l2_mha_lipschitz_bound`
-        Kim et al.'s Theorem 3.2 bound for L2 multi-head self-attention with tied query/key
-        weights and values routed through ``W_Q W_Qᵀ``.
+        A bound for L2 multi-head self-attention with tied query/key weights and values routed
+        through ``W_Q W_Qᵀ`` (Kim et al.'s L2-MHA), valid for all weights: quadratic in
+        ``‖W_Q‖``. Derived in ``docs/lipschitz.md``.
 
 Input families and hypothesis strategies (token sets ``n d``, float64 by default)
     :func:`scales`
@@ -91,11 +96,13 @@ from hypothesis.strategies import SearchStrategy
 __all__ = [
     "Family",
     "TensorMap",
+    "ascend_jacobian_norm",
     "clustered_tokens",
     "gaussian_tokens",
     "jacobian_growth",
     "jacobian_norm_exact",
     "jacobian_spectral_norm",
+    "l2_attention_kernel_bound",
     "l2_mha_lipschitz_bound",
     "lambert_w0",
     "origin_family",
@@ -397,15 +404,62 @@ def _spectral_norm(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(m.detach().to(torch.float64), ord=2)
 
 
+def _fixed_point_kappa() -> float:
+    # κ = max_{a ≥ 0} √a·e^(−a)/(1 + e^(−a)); the maximiser solves a = (1 + e^(−a))/2, a
+    # contraction (|derivative| ≤ e^(−1/2)/2), so plain iteration converges.
+    a = 0.75
+    for _ in range(200):
+        a = 0.5 * (1.0 + math.exp(-a))
+    return math.sqrt(a) / (1.0 + math.exp(a))
+
+
+_KAPPA = _fixed_point_kappa()  # ≈ 0.27786
+_OMEGA_1 = lambert_w0(1.0 / math.e)  # ≈ 0.27846 = max_{a ≥ 0} a·e^(−a)/(1 + e^(−a))
+
+
+def l2_attention_kernel_bound(n_tokens: int) -> float:
+    """A Lipschitz bound ``L(N)`` for weight-free L2 self-attention on N tokens.
+
+    The map is ``g(Z) = softmax_j(−c·‖z_i − z_j‖²)·Z`` (``Z: n e``, any width e, any
+    temperature c > 0; ``g(Z) = c^(−1/2)·g₁(c^(1/2)·Z)`` so c does not change the constant).
+    With ``w = W₀((N − 1)/e)``, ``ω₁ = W₀(1/e)`` and ``κ = max_{a≥0} √a·e^(−a)/(1 + e^(−a))``::
+
+        L(N) = sqrt((N + 1)/2) + 2·w + 2·sqrt(w·(N − 1)·(ω₁ + κ·√w))
+
+    ``L(1) = 1`` (one token: g is the identity), so the bound is tight there. The derivation
+    is in ``docs/lipschitz.md``: the Jacobian splits into the attention matrix acting on the
+    values, a per-token covariance term and a cross term, each bounded with Kim et al.'s
+    observation that ``Σ_j P_ij·c‖z_i − z_j‖² ≤ W₀((N − 1)/e)``.
+    """
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int):
+        raise TypeError(f"n_tokens must be an int, got {type(n_tokens).__name__}")
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be at least 1, got {n_tokens}")
+    w = lambert_w0((n_tokens - 1) / math.e)
+    values = math.sqrt((n_tokens + 1) / 2.0)
+    covariance = 2.0 * w
+    cross = 2.0 * math.sqrt(w * (n_tokens - 1) * (_OMEGA_1 + _KAPPA * math.sqrt(w)))
+    return values + covariance + cross
+
+
 def l2_mha_lipschitz_bound(
     n_tokens: int, w_q: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor
 ) -> float:
-    """Kim et al. (ICML 2021) Theorem 3.2: a Lipschitz bound for L2 multi-head attention.
+    """A Lipschitz bound for L2 multi-head self-attention (Kim et al.'s L2-MHA), all weights.
 
-    For ``f(X) = concat_h[softmax(−‖(x_i − x_j)W_Q^h‖²/√d) · X · W_Q^h W_Q^hᵀ/√d · W_V^h] · W_O``
-    on N tokens (``d = dim_head``), the 2-norm Lipschitz constant satisfies::
+    For ``f(X) = concat_h[softmax(−‖(x_i − x_j)W_Q^h‖²/√e) · X · W_Q^h W_Q^hᵀ/√e · W_V^h] · W_O``
+    on N tokens (``e = dim_head``), the 2-norm (Frobenius over all elements) Lipschitz
+    constant satisfies::
 
-        Lip(f) ≤ (√N/√d) · (4·W₀((N−1)/e) + 1) · sqrt(Σ_h ‖W_Q^h‖₂² ‖W_V^h‖₂²) · ‖W_O‖₂
+        Lip(f) ≤ (L(N)/√e) · sqrt(Σ_h ‖W_Q^h‖₂⁴ ‖W_V^h‖₂²) · ‖W_O‖₂
+
+    with ``L(N)`` from :func:`l2_attention_kernel_bound`. Each head is
+    ``g(X·W_Q^h)·W_Q^hᵀ W_V^h/√e`` with g the weight-free L2 attention, so ``W_Q^h`` enters
+    twice (the logits *and* the values): the bound is quadratic in ‖W_Q‖. The often-quoted
+    form of Kim et al.'s Theorem 3.2, ``(√N/√e)(4·W₀((N−1)/e) + 1)·sqrt(Σ_h ‖W_Q^h‖²
+    ‖W_V^h‖²)·‖W_O‖``, is linear in ‖W_Q‖ and fails for large ``W_Q`` (one token, e = 1,
+    ``w_q = 2``, ``w_v = w_o = 1``: f(x) = 4x, but that form gives 2). See
+    ``docs/lipschitz.md`` for the derivation.
 
     Args:
         n_tokens: N, the number of tokens.
@@ -416,8 +470,7 @@ def l2_mha_lipschitz_bound(
     The bound holds only for that variant (values routed through ``W_Q W_Qᵀ``); it says
     nothing about attention with an independent value projection.
     """
-    if n_tokens < 1:
-        raise ValueError(f"n_tokens must be at least 1, got {n_tokens}")
+    kernel = l2_attention_kernel_bound(n_tokens)
     if w_q.ndim != 3 or w_v.shape != w_q.shape:
         raise ValueError(
             "w_q and w_v must both be (heads, dim, dim_head); got "
@@ -429,15 +482,63 @@ def l2_mha_lipschitz_bound(
             f"w_o must be (heads * dim_head, dim) = ({heads * dim_head}, {dim}); "
             f"got {tuple(w_o.shape)}"
         )
-    per_head = _spectral_norm(w_q) ** 2 * _spectral_norm(w_v) ** 2  # (heads,)
-    attention = 4.0 * lambert_w0((n_tokens - 1) / math.e) + 1.0
-    value = (
-        math.sqrt(n_tokens / dim_head)
-        * attention
-        * torch.sqrt(per_head.sum())
-        * _spectral_norm(w_o)
-    )
+    per_head = _spectral_norm(w_q) ** 4 * _spectral_norm(w_v) ** 2  # (heads,)
+    value = kernel / math.sqrt(dim_head) * torch.sqrt(per_head.sum()) * _spectral_norm(w_o)
     return float(value)
+
+
+def ascend_jacobian_norm(
+    f: TensorMap,
+    x: torch.Tensor,
+    *,
+    steps: int = 10,
+    step_size: float = 0.1,
+) -> tuple[float, torch.Tensor]:
+    """Search for inputs with a large local constant: gradient ascent on ``‖J_f(x)‖₂``.
+
+    Starting from ``x``, each step moves by ``step_size·‖x‖`` (at least ``step_size·1e-6``)
+    along the normalised gradient of the exact Jacobian norm (a singular value, differentiated
+    through the SVD). The Jacobian is formed in full, so the input must be small (as for
+    :func:`jacobian_norm_exact`), and f needs second derivatives (use an attention layer's
+    reference path). Every value visited is a lower bound on Lip(f), so the largest one is
+    returned with the input where it was met: a claimed bound can be checked against it.
+
+    Returns:
+        ``(largest norm seen, input where it was seen)``.
+    """
+    x = _check_input(x)
+    if steps < 0:
+        raise ValueError(f"steps must be non-negative, got {steps}")
+    if not step_size > 0.0:
+        raise ValueError(f"step_size must be positive, got {step_size}")
+    with torch.no_grad():
+        out_numel = f(x).numel()
+    if out_numel * x.numel() > _EXACT_MAX_ENTRIES:
+        raise ValueError(
+            f"the Jacobian would have {out_numel} x {x.numel()} entries; too large to ascend"
+        )
+
+    def norm(z: torch.Tensor) -> torch.Tensor:
+        jac = torch.func.jacrev(f)(z).reshape(out_numel, z.numel())
+        return torch.linalg.svdvals(jac)[0]
+
+    value_and_grad = torch.func.grad_and_value(norm)
+    best_value, best_x = -math.inf, x
+    current = x
+    for step in range(steps + 1):
+        grad, value = value_and_grad(current)
+        value_f = float(value.detach())
+        if value_f > best_value:
+            best_value, best_x = value_f, current
+        if step == steps:
+            break
+        grad = grad.detach()
+        grad_norm = float(torch.linalg.vector_norm(grad))
+        if not math.isfinite(grad_norm) or grad_norm == 0.0:
+            break
+        length = step_size * max(float(torch.linalg.vector_norm(current)), 1e-6)
+        current = (current + (length / grad_norm) * grad).detach()
+    return best_value, best_x
 
 
 # ---------------------------------------------------------------------------------------------
