@@ -5,15 +5,16 @@ Every dataset yields dicts ``{"image": Tensor[c h w] in [-1, 1], "caption": str}
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from gigagan_core.specs import ComponentSpec
 
-__all__ = ["SyntheticShapes", "SyntheticShapesSpec"]
+__all__ = ["StreamSampler", "SyntheticShapes", "SyntheticShapesSpec"]
 
 _COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.86, 0.15, 0.15),
@@ -26,6 +27,10 @@ _COLOURS: dict[str, tuple[float, float, float]] = {
     "black": (0.06, 0.06, 0.06),
 }
 _SHAPES = ("circle", "square", "triangle", "ring")
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 class SyntheticShapesSpec(ComponentSpec):
@@ -82,5 +87,65 @@ class SyntheticShapes(Dataset):
         fg = torch.tensor(_COLOURS[names[fg_i]]).view(3, 1, 1)
         bg = torch.tensor(_COLOURS[names[bg_i]]).view(3, 1, 1)
         image = torch.where(mask, fg, bg) * 2 - 1
-        caption = f"a {names[fg_i]} {shape} on a {names[bg_i]} background"
+        fg_name, bg_name = names[fg_i], names[bg_i]
+        caption = (
+            f"{_article(fg_name)} {fg_name} {shape} on {_article(bg_name)} {bg_name} background"
+        )
         return {"image": image, "caption": caption}
+
+
+class StreamSampler(Sampler[int]):
+    """An endless, resumable index stream: epoch ``e`` is a permutation seeded by ``(seed, e)``.
+
+    The stream is cut into global batches of ``batch_size * world_size`` indices; process
+    ``rank`` takes its ``batch_size`` slice of each. ``start`` is the number of stream
+    indices already consumed (by all processes), so a run that resumes at ``start`` draws
+    exactly the batches it would have drawn. A dataset smaller than a batch simply wraps into
+    its next epoch: there is no minimum size.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ) -> None:
+        if size < 1:
+            raise ValueError("the dataset is empty")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.size = size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start = start
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+
+    def _epoch(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=gen).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        global_batch = self.batch_size * self.world_size
+        position = self.start
+        epoch, offset = divmod(position, self.size)
+        order = self._epoch(epoch)
+        batch: list[int] = []
+        while True:
+            for _ in range(global_batch):
+                if offset == self.size:
+                    epoch, offset = epoch + 1, 0
+                    order = self._epoch(epoch)
+                batch.append(order[offset])
+                offset += 1
+            lo = self.rank * self.batch_size
+            yield from batch[lo : lo + self.batch_size]
+            batch.clear()

@@ -1,15 +1,130 @@
-"""The training-run spec: one validated document names every part of a run."""
+"""The training-run spec: one validated document names every part of a run and its loop.
+
+A run trains either a text-to-image **generator** (with ``model_preset`` filling the
+generator and discriminator it does not give) or an **upsampler** (``upsampler_preset``
+filling the upsampler and its discriminator), against the ``losses`` it lists, on the
+``dataset`` it names. Everything else is the loop's settings: optimisers, length, EMA,
+precision, intervals, sample prompts and the NaN guard.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gigagan_core.specs import AnyDataset, AnyDiscriminator, AnyGenerator, AnyLoss, ComponentSpec
+from gigagan_core.specs import (
+    AnyDataset,
+    AnyDiscriminator,
+    AnyGenerator,
+    AnyLoss,
+    AnyUpsampler,
+    ComponentSpec,
+)
 from gigagan_train.data import SyntheticShapesSpec
 
-__all__ = ["RunSpec"]
+__all__ = [
+    "AdamSpec",
+    "EMASpec",
+    "NanGuardSpec",
+    "OptimizerSpec",
+    "RunSpec",
+    "SamplingSpec",
+]
+
+# Counts and sizes are strict: TOML's `true` or JSON's "8" is an error, not 1 or 8.
+Count = Annotated[int, Field(strict=True, ge=1)]
+NonNegative = Annotated[int, Field(strict=True, ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class AdamSpec(_Section):
+    """Adam for one network (METHOD §5: lr 0.0025, betas (0, 0.99))."""
+
+    lr: float = Field(0.0025, gt=0, allow_inf_nan=False, description="Learning rate.")
+    betas: tuple[float, float] = Field(
+        (0.0, 0.99), description="Adam's (beta1, beta2), each in [0, 1)."
+    )
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False, description="Adam's epsilon.")
+    attention_weight_decay: float = Field(
+        0.01,
+        ge=0,
+        allow_inf_nan=False,
+        description="Decoupled weight decay on the weights of attention layers (METHOD §1: "
+        "0.01); every other parameter has none.",
+    )
+    grad_clip: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Clip the network's total gradient norm to this value; null = off.",
+    )
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> AdamSpec:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
+        return self
+
+
+class OptimizerSpec(_Section):
+    """One Adam per network. The discriminator's optimiser also receives the trainable
+    parameters of losses active in the D phase (vision-aided heads)."""
+
+    generator: AdamSpec = Field(default_factory=AdamSpec, description="G's (or upsampler's).")
+    discriminator: AdamSpec = Field(default_factory=AdamSpec, description="D's.")
+
+
+class EMASpec(_Section):
+    """Exponential moving average of G's weights (StyleGAN2's ``ema_kimg`` with ramp-up).
+
+    After each G step, ``G_ema = lerp(G, G_ema, beta)`` with ``beta = 0.5 ** (batch /
+    half_life_images)``; with ``rampup`` the half-life is at most ``rampup * images_seen``,
+    so early weights are forgotten fast. Samples and checkpoints serve ``G_ema``.
+    """
+
+    half_life_kimg: float = Field(
+        10.0, ge=0, allow_inf_nan=False, description="Half-life in thousands of images; 0 = off."
+    )
+    rampup: float | None = Field(
+        0.05,
+        gt=0,
+        allow_inf_nan=False,
+        description="Ramp-up: half-life at most rampup x images seen so far; null = none.",
+    )
+
+
+class SamplingSpec(_Section):
+    """The fixed prompts and seed of the sample grids written during training."""
+
+    prompts: tuple[str, ...] | None = Field(
+        None,
+        description="Captions of the grid; default: `num` captions drawn once from the "
+        "dataset (with the run's seed) and kept for the whole run.",
+    )
+    num: Count = Field(16, description="Images in a grid when prompts are drawn from the data.")
+    seed: int = Field(0, strict=True, description="Seed of the grid's latents and noise.")
+    truncation: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="Truncation psi of the grid (1 = none)."
+    )
+
+
+class NanGuardSpec(_Section):
+    """What happens when a loss or gradient is NaN or infinite."""
+
+    max_consecutive: Count = Field(
+        8,
+        description="Abort the run after this many steps in a row were skipped for "
+        "non-finite values (one is skipped and logged, never applied).",
+    )
+
+
+def _attr(spec: Any, name: str) -> Any:
+    value = getattr(spec, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class RunSpec(BaseModel):
@@ -18,13 +133,14 @@ class RunSpec(BaseModel):
     Component fields accept any installed component of their role (``kind`` picks it), so a
     third-party dataset, loss or network is named here exactly like a built-in one.
     ``model_preset`` fills ``generator`` and ``discriminator`` from a gigagan-core preset
-    (``tiny``, ``cpu-demo``, ``paper-64``) where the run does not give them itself.
+    (``tiny``, ``cpu-demo``, ``paper-64``) where the run does not give them itself; a run
+    that names an ``upsampler`` (or ``upsampler_preset``) trains that instead of a generator.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     name: str = Field("demo", min_length=1, description="Run name; the default output folder.")
-    seed: int = Field(0, description="Seed of every random choice in the run.")
+    seed: int = Field(0, strict=True, description="Seed of every random choice in the run.")
     output_dir: str | None = Field(
         None, description="Where samples, metrics and checkpoints go (default: runs/<name>)."
     )
@@ -33,7 +149,19 @@ class RunSpec(BaseModel):
         description="gigagan-core model preset (name or file) that supplies the generator "
         "and discriminator not given explicitly; null to require both.",
     )
-    generator: AnyGenerator = Field(description="The generator (kind 'gigagan' built in).")
+    upsampler_preset: str | None = Field(
+        None,
+        description="gigagan-upsampler preset (name or file) that supplies the upsampler and "
+        "discriminator not given explicitly; setting it trains an upsampler.",
+    )
+    generator: AnyGenerator | None = Field(
+        None, description="The generator (kind 'gigagan' built in); unset in upsampler runs."
+    )
+    upsampler: AnyUpsampler | None = Field(
+        None,
+        description="The upsampler to train (kind 'gigagan-upsampler'), on (low-res, high-res) "
+        "pairs made from the dataset; replaces the generator.",
+    )
     discriminator: AnyDiscriminator = Field(
         description="The discriminator (kind 'ms-io' built in)."
     )
@@ -41,29 +169,158 @@ class RunSpec(BaseModel):
         default_factory=SyntheticShapesSpec, description="Source of images and captions."
     )
     losses: tuple[AnyLoss, ...] = Field((), description="Training objectives, summed by weight.")
-    batch_size: int = Field(8, ge=1, description="Images per step on each process.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    batch_size: Count = Field(8, description="Images per step on each process.")
+    num_workers: NonNegative = Field(0, description="DataLoader worker processes.")
+
+    # ---- the loop ------------------------------------------------------------------------
+    steps: Count | None = Field(
+        1000, description="Training steps (one D and one G update each); null to use kimg."
+    )
+    kimg: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Length in thousands of real images shown; overrides steps when set.",
+    )
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Stop (with a checkpoint and samples) after this much wall time.",
+    )
+    grad_accumulation: Count = Field(
+        1,
+        description="Split each step's batch into this many micro-batches whose gradients "
+        "add up (batch_size must be divisible by it).",
+    )
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimisers.")
+    ema: EMASpec = Field(default_factory=EMASpec, description="EMA of the generator.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16 runs the networks under autocast where the device supports it; R1, "
+        "loss reductions and demodulation stay in float32.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to train; auto = CUDA when available."
+    )
+    log_every: Count = Field(10, description="Steps between metrics lines and bar updates.")
+    sample_every: Count = Field(500, description="Steps between sample grids from G-EMA.")
+    checkpoint_every: Count = Field(500, description="Steps between checkpoints.")
+    keep_last: Count = Field(3, description="Checkpoints kept; older ones are deleted.")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sample grids.")
+    nan_guard: NanGuardSpec = Field(default_factory=NanGuardSpec, description="NaN/Inf guard.")
+    tensorboard: bool = Field(
+        True, description="Also write TensorBoard events when tensorboard is installed."
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _fill_from_preset(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        data = dict(data)
+        up_preset = data.get("upsampler_preset")
+        if up_preset is not None or data.get("upsampler") is not None:
+            if isinstance(up_preset, str) and (
+                data.get("upsampler") is None or data.get("discriminator") is None
+            ):
+                from gigagan_upsampler.presets import load_upsampler_preset
+
+                loaded_up = load_upsampler_preset(up_preset)
+                if data.get("upsampler") is None:
+                    data["upsampler"] = loaded_up.upsampler
+                if data.get("discriminator") is None and loaded_up.discriminator is not None:
+                    data["discriminator"] = loaded_up.discriminator
+            return data
         preset = data.get("model_preset", cls.model_fields["model_preset"].default)
         missing = [k for k in ("generator", "discriminator") if data.get(k) is None]
-        if not missing or preset is None:
-            return data
+        if not missing or not isinstance(preset, str):
+            return data  # a non-string preset is reported by the field's own validation
         from gigagan_core.presets import load_preset
 
         loaded = load_preset(preset)
         return {**data, **{k: getattr(loaded, k) for k in missing}}
 
+    @model_validator(mode="after")
+    def _check_run(self) -> RunSpec:
+        if (self.generator is None) == (self.upsampler is None):
+            raise ValueError(
+                "a run trains exactly one of generator or upsampler; "
+                + (
+                    "both are set"
+                    if self.generator is not None
+                    else "neither is set (give one, or a model_preset / upsampler_preset)"
+                )
+            )
+        if self.batch_size % self.grad_accumulation:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by "
+                f"grad_accumulation={self.grad_accumulation}"
+            )
+        data_res = _attr(self.dataset, "resolution")
+        if data_res is not None and (data_res < 1 or data_res & (data_res - 1)):
+            raise ValueError(f"dataset.resolution must be a power of two, got {data_res}")
+        model = self.generator if self.generator is not None else self.upsampler
+        model_name = "generator" if self.generator is not None else "upsampler"
+        model_res = (
+            _attr(model, "resolution")
+            if self.generator is not None
+            else _attr(model, "output_resolution")
+        )
+        if data_res is not None and model_res is not None and data_res != model_res:
+            raise ValueError(
+                f"dataset.resolution={data_res} differs from the {model_name}'s output "
+                f"resolution {model_res}; the discriminator compares them pixel for pixel"
+            )
+        disc_res = _attr(self.discriminator, "resolution")
+        if disc_res is not None and model_res is not None and disc_res != model_res:
+            raise ValueError(
+                f"discriminator.resolution={disc_res} differs from the {model_name}'s output "
+                f"resolution {model_res}"
+            )
+        micro = self.batch_size // self.grad_accumulation
+        if micro < 2 and any(loss.kind == "matching-aware" for loss in self.losses):
+            raise ValueError(
+                f"the matching-aware loss rolls captions within a micro-batch, which needs at "
+                f"least 2 images; batch_size / grad_accumulation = {micro}"
+            )
+        if self.steps is None and self.kimg is None:
+            raise ValueError("give the run's length: steps or kimg")
+        from gigagan_train.run import check_text_encoder_rule
+
+        try:
+            check_text_encoder_rule(self)
+        except Exception as exc:  # reported as a validation error of the run
+            raise ValueError(str(exc)) from exc
+        return self
+
+    @property
+    def trains_upsampler(self) -> bool:
+        return self.upsampler is not None
+
+    @property
+    def model(self) -> ComponentSpec:
+        """The network being trained: the generator or the upsampler."""
+        model = self.generator if self.generator is not None else self.upsampler
+        assert model is not None
+        return model
+
+    @property
+    def total_steps(self) -> int:
+        """The run's length in steps (``kimg`` rounded up to whole batches)."""
+        if self.kimg is not None:
+            return max(1, -(-round(self.kimg * 1000) // self.batch_size))
+        assert self.steps is not None
+        return self.steps
+
     def components(self) -> dict[str, ComponentSpec]:
         """Every component spec in the run by its field path (``losses.1``)."""
-        out: dict[str, ComponentSpec] = {
-            "generator": self.generator,
-            "discriminator": self.discriminator,
-            "dataset": self.dataset,
-        }
+        out: dict[str, ComponentSpec] = {}
+        if self.generator is not None:
+            out["generator"] = self.generator
+        if self.upsampler is not None:
+            out["upsampler"] = self.upsampler
+        out["discriminator"] = self.discriminator
+        out["dataset"] = self.dataset
         out.update({f"losses.{i}": spec for i, spec in enumerate(self.losses)})
         return out

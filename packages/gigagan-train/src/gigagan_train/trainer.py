@@ -1,0 +1,883 @@
+"""The training loop: one plain loop a reader can follow from top to bottom.
+
+Each step (StyleGAN2-ADA's phases, in GigaGAN's order of the architecture notes)::
+
+    batch --> D phase   fakes from G under no_grad; LossContext("D"); every D-phase loss
+                        except lazy regularisers; backward (per micro-batch); D step
+          --> D reg     every `interval` steps: the lazy regulariser (R1) as its own D step,
+                        with Adam's lr and betas corrected (lazy_regularization_adam)
+          --> G phase   fakes from G with its graph (w_avg tracked here); LossContext("G");
+                        backward; G step; EMA of G
+          --> every k steps: metrics.jsonl / TensorBoard, a sample grid from G-EMA, a checkpoint
+
+The NaN guard checks every loss term before its backward and every gradient before its
+optimiser step: a non-finite value skips that update (and is logged with the step and the
+term), ``nan_guard.max_consecutive`` skipped steps in a row abort the run, and no checkpoint
+is ever written with a non-finite tensor.
+
+The same loop trains an upsampler: the "fakes" are then the upsampler's output for an
+antialiased downsampling of the real batch, and the real batch is the high-res target.
+
+Process-group awareness is limited to ``rank`` / ``world_size`` and :attr:`is_main`, which
+only guards writing files; every collective a distributed wrapper adds is entered by every
+rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from gigagan_core.frozen import is_frozen, set_trainable, trainable_parameters
+from gigagan_core.specs import dump_spec
+from gigagan_losses.adversarial import lazy_regularization_adam
+from gigagan_losses.base import LossContext
+from gigagan_train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    TRAINER_FILE,
+    find_checkpoint,
+    latest_checkpoint,
+    load_module_state,
+    load_optimizer_state,
+    non_finite_tensors,
+    optimizer_state_files,
+    prune_checkpoints,
+    read_trainer_state,
+    remove_stale_temporaries,
+    save_module,
+    step_folder_name,
+    trainable_state,
+    write_atomic_folder,
+    write_latest,
+)
+from gigagan_train.data import StreamSampler
+from gigagan_train.errors import CheckpointError, RunError, TrainingAbortedError
+from gigagan_train.images import save_grid
+from gigagan_train.run import AssembledRun, assemble, run_dir
+from gigagan_train.spec import AdamSpec, RunSpec
+
+__all__ = [
+    "StepResult",
+    "Trainer",
+    "TrainerState",
+    "downsample",
+    "lazy_interval",
+    "resolve_device",
+]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("device = 'cuda' but this machine has no CUDA device; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def lazy_interval(loss: nn.Module) -> int:
+    """The interval of a lazy D regulariser (R1 with ``interval > 1``), else 0.
+
+    A loss is run as its own lazy D step when it contributes to the D phase only and its
+    spec has an integer ``interval`` above 1; its terms are computed every ``interval``
+    steps (the loss's own ``active``) and already carry the ``x interval`` factor.
+    """
+    spec = getattr(loss, "spec", None)
+    interval = getattr(spec, "interval", None)
+    phases = set(getattr(loss, "phases", ()))
+    if phases == {"D"} and isinstance(interval, int) and interval > 1:
+        return interval
+    return 0
+
+
+def downsample(images: Tensor, scale: int) -> Tensor:
+    """The upsampler's training input: ``images`` shrunk ``scale`` times (antialiased
+    bicubic, clamped to [-1, 1])."""
+    h, w = images.shape[-2:]
+    low = F.interpolate(images, size=(h // scale, w // scale), mode="bicubic", antialias=True)
+    return low.clamp(-1, 1)
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _pyramid(output: Any) -> list[Tensor]:
+    if isinstance(output, Tensor):
+        return [output]
+    pyramid = getattr(output, "pyramid", None)
+    if pyramid is None:
+        raise RunError(
+            f"the trained network returned {type(output).__name__}; it must return an image "
+            "tensor or an object with a 'pyramid' list (highest resolution first)"
+        )
+    return list(pyramid)
+
+
+def _is_attention(module: nn.Module) -> bool:
+    from gigagan_core.layers import attention
+
+    attention_types = tuple(
+        obj
+        for obj in vars(attention).values()
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and "Attention" in obj.__name__
+    )
+    return isinstance(module, attention_types)
+
+
+def _param_groups(module: nn.Module, extra: Sequence[nn.Parameter], spec: AdamSpec) -> list[dict]:
+    """Two groups: attention weights (decayed, METHOD §1) and everything else."""
+    decayed: set[int] = set()
+    for sub in module.modules():
+        if _is_attention(sub):
+            for name, p in sub.named_parameters():
+                if name.endswith("weight") and p.ndim >= 2:
+                    decayed.add(id(p))
+    params = [*trainable_parameters(module), *extra]
+    seen: set[int] = set()
+    unique = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            unique.append(p)
+    groups = [
+        {
+            "params": [p for p in unique if id(p) in decayed],
+            "weight_decay": spec.attention_weight_decay,
+        },
+        {"params": [p for p in unique if id(p) not in decayed], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _make_adam(
+    module: nn.Module, extra: Sequence[nn.Parameter], spec: AdamSpec, interval: int = 0
+) -> torch.optim.Optimizer:
+    lr, betas = spec.lr, spec.betas
+    if interval > 1:
+        lr, betas = lazy_regularization_adam(lr, betas, interval)
+    return torch.optim.AdamW(
+        _param_groups(module, extra, spec), lr=lr, betas=betas, eps=spec.eps, foreach=True
+    )
+
+
+@dataclass
+class TrainerState:
+    """Everything besides weights and optimiser states that a resume needs."""
+
+    step: int = 0  # completed steps
+    images_seen: int = 0  # real images shown, all processes
+    data_position: int = 0  # stream indices consumed, all processes
+    consecutive_skips: int = 0
+    skipped_steps: int = 0
+    last_checkpoint_step: int = -1
+    last_sample_step: int = -1
+
+
+@dataclass
+class StepResult:
+    """What one step did: the logged values and which updates the guard skipped."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains the run ``spec`` describes, writing into ``out`` (default ``runs/<name>``).
+
+    ``resume``: a checkpoint folder, a run folder, ``True`` for the run folder's latest
+    checkpoint, or ``None`` to start fresh. ``rank`` / ``world_size`` place this process in a
+    group (rank 0 writes files).
+    """
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        out: str | Path | None = None,
+        *,
+        resume: str | Path | bool | None = None,
+        progress: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        run: AssembledRun | None = None,
+    ) -> None:
+        self.spec = spec
+        self.folder = run_dir(spec, out)
+        self.rank, self.world_size = rank, world_size
+        self.progress = progress
+        self.device = resolve_device(spec.device)
+        self.state = TrainerState()
+
+        resume_from: Path | None = None
+        if resume is True:
+            info = latest_checkpoint(self.folder / "checkpoints")
+            if info is None:
+                raise CheckpointError(
+                    f"--resume: {self.folder / 'checkpoints'} holds no complete checkpoint"
+                )
+            resume_from = info.path
+        elif resume:
+            resume_from = find_checkpoint(resume)
+        if resume_from is not None:
+            self._check_resumable(resume_from)
+
+        seed_everything(spec.seed + rank)
+        self.run = run if run is not None else assemble(spec)
+        self.G = self.run.model.to(self.device).train()
+        self.D = self.run.discriminator.to(self.device).train()
+        self.losses = [loss.to(self.device).train() for loss in self.run.losses]
+        self.G_ema = copy.deepcopy(self.G, memo=_frozen_memo(self.G)).eval()
+        set_trainable(self.G_ema, False)
+
+        lazy = [(loss, lazy_interval(loss)) for loss in self.losses if lazy_interval(loss)]
+        self.lazy_losses = [loss for loss, _ in lazy]
+        self.reg_interval = min((i for _, i in lazy), default=0)
+        self.d_losses = [
+            loss for loss in self.losses if "D" in loss.phases and loss not in self.lazy_losses
+        ]
+        self.g_losses = [loss for loss in self.losses if "G" in loss.phases]
+        d_side = [
+            p for loss in self.losses if "D" in loss.phases for p in loss.trainable_parameters()
+        ]
+        self.d_side_modules = [loss for loss in self.losses if "D" in loss.phases]
+        self.opt_G = _make_adam(self.G, [], spec.optimizer.generator)
+        self.opt_D = _make_adam(self.D, d_side, spec.optimizer.discriminator, self.reg_interval)
+        self.conditional = bool(getattr(self.G, "conditional", False))
+        self._accepts_w_avg = _accepts(self.G.forward, "update_w_avg")
+        self.autocast_dtype = torch.bfloat16 if spec.precision == "bf16" else None
+        self.sample_prompts = self._sample_prompts()
+        self._sample_images: Tensor | None = None
+        if resume_from is not None:
+            self._load(resume_from)
+        self.total_steps = spec.total_steps
+        self._metrics_file: Any = None
+        self._tb: Any = None
+        self._warn_about_missing_weights()
+
+    # ---- setup ----------------------------------------------------------------------------
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _check_resumable(self, folder: Path) -> None:
+        saved = read_trainer_state(folder)
+        if saved.get("trains") not in (
+            None,
+            "upsampler" if self.spec.trains_upsampler else "generator",
+        ):
+            raise CheckpointError(f"{folder}: a checkpoint of a {saved['trains']} run")
+
+    def _warn_about_missing_weights(self) -> None:
+        for i, loss in enumerate(self.losses):
+            spec = getattr(loss, "spec", None)
+            if getattr(spec, "kind", None) == "lpips" and not getattr(spec, "weights", None):
+                log.warning(
+                    "losses.%d (lpips) runs without trained LPIPS weights (require_weights = "
+                    "false): its distances are those of a random network; name a local "
+                    "weights file for real LPIPS",
+                    i,
+                )
+
+    def _sample_prompts(self) -> list[str] | None:
+        if not self.conditional:
+            return None
+        sampling = self.spec.sampling
+        if sampling.prompts:
+            return list(sampling.prompts)
+        dataset = self.run.dataset
+        gen = torch.Generator().manual_seed(self.spec.seed)
+        size = len(dataset)
+        picks = torch.randperm(size, generator=gen)[: sampling.num].tolist()
+        picks = [picks[i % len(picks)] for i in range(sampling.num)]
+        return [str(dataset[i]["caption"]) for i in picks]
+
+    # ---- data -----------------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        dataset = self.run.dataset
+        try:
+            size = len(dataset)
+        except TypeError as exc:
+            raise RunError(
+                f"dataset kind '{self.spec.dataset.kind}' has no length; the loop needs a "
+                "map-style dataset"
+            ) from exc
+        if size == 0:
+            raise RunError(f"dataset kind '{self.spec.dataset.kind}' is empty")
+        sampler = StreamSampler(
+            size,
+            self.spec.batch_size,
+            seed=self.spec.seed,
+            start=self.state.data_position,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=self.spec.batch_size,
+            sampler=sampler,
+            num_workers=self.spec.num_workers,
+            persistent_workers=self.spec.num_workers > 0,
+            # its own generator: making the iterator draws a worker base seed, which must
+            # not come from (and shift) the global stream a resume restores
+            generator=torch.Generator().manual_seed(
+                self.spec.seed * 1_000_003 + self.state.data_position + self.rank
+            ),
+        )
+        yield from loader
+
+    # ---- the pieces of a step ---------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _low_res(self, real: Tensor) -> Tensor:
+        return downsample(real, int(getattr(self.G, "scale", 1)))
+
+    def _fakes(self, real: Tensor, texts: list[str] | None, *, track_w_avg: bool) -> list[Tensor]:
+        kwargs: dict[str, Any] = {}
+        if self._accepts_w_avg:
+            kwargs["update_w_avg"] = track_w_avg
+        if self.spec.trains_upsampler:
+            return _pyramid(self.G(self._low_res(real), texts, **kwargs))
+        z = torch.randn(real.shape[0], self.G.z_dim, device=self.device)
+        return _pyramid(self.G(z, texts, **kwargs))
+
+    def _terms(
+        self, losses: Sequence[nn.Module], ctx: LossContext, phase: str
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        total: Tensor | None = None
+        named: dict[str, Tensor] = {}
+        for loss in losses:
+            if not loss.active(ctx):
+                continue
+            terms = loss(ctx)
+            for name, value in terms.items():
+                key = f"{phase}/{name}"
+                named[key] = named[key] + value if key in named else value
+            if terms:
+                part = loss.weight * torch.stack([v.float() for v in terms.values()]).sum()
+                total = part if total is None else total + part
+        return total, named
+
+    def _phase(
+        self,
+        phase: str,
+        losses: Sequence[nn.Module],
+        micro: Sequence[tuple[Tensor, list[str] | None]],
+        optimizer: torch.optim.Optimizer,
+        params: list[nn.Parameter],
+        adam: AdamSpec,
+        result: StepResult,
+        *,
+        label: str,
+        fakes: list[list[Tensor]] | None = None,
+        autocast: bool = True,
+    ) -> list[list[Tensor]]:
+        """One optimiser update over the micro-batches; returns the fakes it used."""
+        optimizer.zero_grad(set_to_none=True)
+        used: list[list[Tensor]] = []
+        bad: str | None = None
+        sums: dict[str, float] = {}
+        for k, (real, texts) in enumerate(micro):
+            with self._autocast() if autocast else contextlib.nullcontext():
+                if fakes is not None:
+                    fake = fakes[k]
+                elif phase == "D":
+                    with torch.no_grad():
+                        fake = self._fakes(real, texts, track_w_avg=False)
+                else:
+                    fake = self._fakes(real, texts, track_w_avg=True)
+                ctx = LossContext(
+                    phase=phase,  # type: ignore[arg-type]
+                    step=self.state.step,
+                    real=real,
+                    texts=texts,
+                    generator=self.G,
+                    discriminator=self.D,
+                    fake_pyramid=fake,
+                )
+                total, named = self._terms(losses, ctx, label)
+            used.append([x.detach() for x in fake])
+            if total is None:
+                continue
+            values = torch.stack([v.detach().float() for v in named.values()])
+            if not bool(torch.isfinite(values).all()):
+                bad = next(n for n, v in named.items() if not torch.isfinite(v.detach()).all())
+                break
+            (total / len(micro)).backward()
+            for name, value in named.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) / len(micro)
+            sums[f"{label}/total"] = sums.get(f"{label}/total", 0.0) + float(total.detach()) / len(
+                micro
+            )
+        if bad is None and sums:
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            if not bool(torch.isfinite(norm)):
+                bad = f"{label}/gradient"
+            else:
+                if adam.grad_clip is not None and grads:
+                    torch.nn.utils.clip_grads_with_norm_(params, adam.grad_clip, norm)
+                optimizer.step()
+                result.values[f"grad_norm/{label}"] = float(norm)
+        if bad is not None:
+            optimizer.zero_grad(set_to_none=True)
+            result.skipped.append(bad)
+            log.warning(
+                "step %d: %s is not finite; the %s update is skipped", self.state.step, bad, label
+            )
+        else:
+            result.values.update(sums)
+        return used
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        ema = self.spec.ema
+        batch = self.spec.batch_size * self.world_size
+        half_life = ema.half_life_kimg * 1000
+        if ema.rampup is not None:
+            half_life = min(half_life, self.state.images_seen * ema.rampup)
+        beta = 0.5 ** (batch / half_life) if half_life > 0 else 0.0
+        for p_ema, p in zip(
+            trainable_parameters(self.G_ema), trainable_parameters(self.G), strict=True
+        ):
+            p_ema.lerp_(p.detach(), 1.0 - beta)
+        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
+            b_ema.copy_(b)
+
+    def train_step(self, batch: dict[str, Any]) -> StepResult:
+        """One full step (D, lazy D regulariser, G, EMA) on ``batch``."""
+        spec = self.spec
+        result = StepResult()
+        real_all = batch["image"].to(self.device, non_blocking=True)
+        captions = [str(c) for c in batch["caption"]] if self.conditional else None
+        chunks = spec.grad_accumulation
+        size = real_all.shape[0] // chunks
+        micro = [
+            (
+                real_all[k * size : (k + 1) * size],
+                captions[k * size : (k + 1) * size] if captions is not None else None,
+            )
+            for k in range(chunks)
+        ]
+        d_params = self.opt_D.param_groups
+        d_list = [p for g in d_params for p in g["params"]]
+        g_list = [p for g in self.opt_G.param_groups for p in g["params"]]
+
+        # D phase: G is fixed, its fakes are made without a graph.
+        set_trainable(self.G, False)
+        set_trainable(self.D, True)
+        for module in self.d_side_modules:
+            set_trainable(module, True)
+        fakes = self._phase(
+            "D",
+            self.d_losses,
+            micro,
+            self.opt_D,
+            d_list,
+            spec.optimizer.discriminator,
+            result,
+            label="D",
+        )
+        # Lazy regulariser: its own D step every `interval` steps, in float32 (R1's double
+        # backward through attention is not autocast).
+        if self.lazy_losses and self.state.step % self.reg_interval == 0:
+            self._phase(
+                "D",
+                self.lazy_losses,
+                micro,
+                self.opt_D,
+                d_list,
+                spec.optimizer.discriminator,
+                result,
+                label="Dreg",
+                fakes=fakes,
+                autocast=False,
+            )
+        # G phase: D and the D-side loss modules are fixed.
+        set_trainable(self.D, False)
+        for module in self.d_side_modules:
+            set_trainable(module, False)
+        set_trainable(self.G, True)
+        skipped_before = len(result.skipped)
+        self._phase(
+            "G",
+            self.g_losses,
+            micro,
+            self.opt_G,
+            g_list,
+            spec.optimizer.generator,
+            result,
+            label="G",
+        )
+        if len(result.skipped) == skipped_before:
+            self._update_ema()
+        set_trainable(self.D, True)
+
+        self.state.step += 1
+        shown = spec.batch_size * self.world_size
+        self.state.images_seen += shown
+        self.state.data_position += shown
+        if result.skipped:
+            self.state.consecutive_skips += 1
+            self.state.skipped_steps += 1
+        else:
+            self.state.consecutive_skips = 0
+        result.values["skipped_steps"] = float(self.state.skipped_steps)
+        return result
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> TrainerState:
+        """Train until the spec's length (or ``max_minutes``), with logs, samples, checkpoints."""
+        spec = self.spec
+        if self.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.folder / "checkpoints")
+            dump_spec(spec, self.folder / "spec.json")
+            self._open_logs()
+        start_time = time.monotonic()
+        start_step = self.state.step
+        window_time, window_steps = time.monotonic(), 0
+        bar = self._progress_bar()
+        batches = self._batches()
+        stopped_early = False
+        try:
+            while self.state.step < self.total_steps:
+                batch = next(batches)
+                result = self.train_step(batch)
+                window_steps += 1
+                if self.state.consecutive_skips >= spec.nan_guard.max_consecutive:
+                    raise TrainingAbortedError(
+                        f"{self.state.consecutive_skips} steps in a row had non-finite values "
+                        f"(last at step {self.state.step - 1}: {', '.join(result.skipped)}); "
+                        "the run stops. Lower the learning rates or check the data; the "
+                        f"checkpoints in {self.folder / 'checkpoints'} are intact"
+                    )
+                step = self.state.step
+                if step % spec.log_every == 0 or step == self.total_steps:
+                    now = time.monotonic()
+                    seconds = (now - window_time) / max(window_steps, 1)
+                    result.values["sec_per_step"] = seconds
+                    result.values["img_per_s"] = spec.batch_size * self.world_size / seconds
+                    self._log(result)
+                    window_time, window_steps = now, 0
+                    if bar is not None:
+                        bar.set_postfix(self._postfix(result), refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                if step % spec.sample_every == 0:
+                    self.write_samples()
+                if step % spec.checkpoint_every == 0:
+                    self.save_checkpoint()
+                elapsed = (time.monotonic() - start_time) / 60
+                if spec.max_minutes is not None and elapsed >= spec.max_minutes:
+                    log.warning(
+                        "max_minutes=%s reached after %d steps; stopping",
+                        spec.max_minutes,
+                        step - start_step,
+                    )
+                    stopped_early = True
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.state.last_sample_step != self.state.step:
+            self.write_samples()
+        if self.state.last_checkpoint_step != self.state.step:
+            self.save_checkpoint()
+        self._close_logs()
+        if stopped_early:
+            log.info("stopped at step %d of %d", self.state.step, self.total_steps)
+        return self.state
+
+    def _progress_bar(self) -> Any:
+        if not (self.progress and self.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True
+        )
+
+    def _postfix(self, result: StepResult) -> dict[str, str]:
+        values = result.values
+        out = {"kimg": f"{self.state.images_seen / 1000:.1f}"}
+        if "img_per_s" in values:
+            out["img/s"] = f"{values['img_per_s']:.1f}"
+        for key in ("D/total", "G/total"):
+            if key in values:
+                out[key.split("/")[0]] = f"{values[key]:.3f}"
+        return out
+
+    # ---- logs -----------------------------------------------------------------------------
+
+    def _open_logs(self) -> None:
+        self._metrics_file = open(self.folder / "metrics.jsonl", "a", encoding="utf-8")
+        if self.spec.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.info("tensorboard is not installed; metrics go to metrics.jsonl only")
+            else:
+                self._tb = SummaryWriter(str(self.folder / "tensorboard"))
+
+    def _close_logs(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def _log(self, result: StepResult) -> None:
+        if not self.is_main:
+            return
+        record: dict[str, Any] = {
+            "step": self.state.step,
+            "kimg": self.state.images_seen / 1000,
+            "time": time.time(),
+            **{k: (v if math.isfinite(v) else str(v)) for k, v in result.values.items()},
+            "lr/G": self.opt_G.param_groups[0]["lr"],
+            "lr/D": self.opt_D.param_groups[0]["lr"],
+        }
+        if result.skipped:
+            record["skipped"] = result.skipped
+        if self._metrics_file is not None:
+            self._metrics_file.write(json.dumps(record) + "\n")
+            self._metrics_file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, float | int):
+                    self._tb.add_scalar(key, value, self.state.step)
+        log.info("step %d %s", self.state.step, json.dumps(result.values))
+
+    # ---- samples ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def write_samples(self) -> Path | None:
+        """A PNG grid from G-EMA of the fixed prompts and seed, with a JSON of its captions.
+
+        The generator state of the training RNG is left as it was, so writing samples never
+        changes the run."""
+        self.state.last_sample_step = self.state.step
+        if not self.is_main:
+            return None
+        folder = self.folder / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{step_folder_name(self.state.step)}.png"
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if self.spec.trains_upsampler:
+                images, captions, nrow = self._upsampler_grid()
+            else:
+                images, captions, nrow = self._generator_grid()
+        save_grid(images, path, nrow=nrow, captions=captions)
+        meta = {
+            "step": self.state.step,
+            "kimg": self.state.images_seen / 1000,
+            "seed": self.spec.sampling.seed,
+            "truncation": self.spec.sampling.truncation,
+            "captions": captions,
+        }
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def _generator_grid(self) -> tuple[Tensor, list[str] | None, int]:
+        sampling = self.spec.sampling
+        prompts = self.sample_prompts
+        num = len(prompts) if prompts is not None else sampling.num
+        sample = getattr(self.G_ema, "sample", None)
+        if callable(sample):
+            out = sample(prompts, num=num, seed=sampling.seed, psi=sampling.truncation)
+            images = _pyramid(out)[0]
+        else:
+            torch.manual_seed(sampling.seed)
+            z = torch.randn(num, self.G_ema.z_dim, device=self.device)
+            images = _pyramid(self.G_ema(z, prompts))[0]
+        return images.float().clamp(-1, 1), prompts, max(1, math.ceil(num**0.5))
+
+    def _upsampler_grid(self) -> tuple[Tensor, list[str] | None, int]:
+        if self._sample_images is None:
+            dataset = self.run.dataset
+            gen = torch.Generator().manual_seed(self.spec.seed)
+            picks = torch.randperm(len(dataset), generator=gen)[: min(8, len(dataset))].tolist()
+            items = [dataset[i] for i in picks]
+            self._sample_images = torch.stack([item["image"] for item in items])
+            self._sample_captions = [str(item["caption"]) for item in items]
+        high = self._sample_images.to(self.device)
+        low = self._low_res(high)
+        texts = self._sample_captions if self.conditional else None
+        torch.manual_seed(self.spec.sampling.seed)
+        out = _pyramid(self.G_ema(low, texts))[0].float().clamp(-1, 1)
+        nearest = F.interpolate(low, size=high.shape[-2:], mode="nearest")
+        # rows of three: input (nearest), output, target
+        grid = torch.stack([nearest, out, high], dim=1).flatten(0, 1)
+        captions = None
+        if texts is not None:
+            captions = [f"{c} [{part}]" for c in texts for part in ("input", "output", "target")]
+        return grid, captions, 3
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def _modules_to_save(self) -> dict[str, nn.Module]:
+        return {"G": self.G, "G_ema": self.G_ema, "D": self.D}
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step-N`` atomically, then point ``latest`` at it and prune.
+
+        Refuses (raises :class:`CheckpointError`, writing nothing) when any tensor is NaN or
+        infinite, so a saved checkpoint is always one to resume from."""
+        self.state.last_checkpoint_step = self.state.step
+        if not self.is_main:
+            return None
+        root = self.folder / "checkpoints"
+        named: list[tuple[str, Tensor]] = []
+        for prefix, module in self._modules_to_save().items():
+            named += [(f"{prefix}.{k}", v) for k, v in module.state_dict().items()]
+        for i, loss in enumerate(self.losses):
+            named += [(f"losses.{i}.{k}", v) for k, v in trainable_state(loss).items()]
+        opt_tensors, opt_meta = optimizer_state_files({"G": self.opt_G, "D": self.opt_D})
+        named += [(f"optimizer.{k}", v) for k, v in opt_tensors.items()]
+        bad = non_finite_tensors(named)
+        if bad:
+            raise CheckpointError(
+                f"refusing to write the step-{self.state.step} checkpoint: non-finite values "
+                f"in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the previous "
+                "checkpoint is kept"
+            )
+        trainer = {
+            "format": CHECKPOINT_FORMAT,
+            "trains": "upsampler" if self.spec.trains_upsampler else "generator",
+            "step": self.state.step,
+            "kimg": self.state.images_seen / 1000,
+            "images_seen": self.state.images_seen,
+            "data_position": self.state.data_position,
+            "world_size": self.world_size,
+            "consecutive_skips": self.state.consecutive_skips,
+            "skipped_steps": self.state.skipped_steps,
+            "python_rng": _python_rng_state(),
+            "sample_prompts": self.sample_prompts,
+            "time": time.time(),
+        }
+        rng: dict[str, Tensor] = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"torch_cuda_{i}"] = state
+        losses_state = {
+            f"{i}.{k}": v.detach().contiguous().cpu().clone()
+            for i, loss in enumerate(self.losses)
+            for k, v in trainable_state(loss).items()
+        }
+
+        def fill(tmp: Path) -> None:
+            dump_spec(self.spec, tmp / "spec.json")
+            for name, module in self._modules_to_save().items():
+                save_module(module, tmp / name)
+            save_file(losses_state, tmp / "losses.safetensors")
+            save_file(opt_tensors, tmp / "optim.safetensors")
+            (tmp / "optim.json").write_text(json.dumps(opt_meta) + "\n", encoding="utf-8")
+            save_file(rng, tmp / "rng.safetensors")
+            (tmp / TRAINER_FILE).write_text(json.dumps(trainer, indent=2) + "\n", encoding="utf-8")
+
+        target = write_atomic_folder(root / step_folder_name(self.state.step), fill)
+        write_latest(root, target.name)
+        prune_checkpoints(root, self.spec.keep_last)
+        log.info("wrote checkpoint %s", target)
+        return target
+
+    def _load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        saved = read_trainer_state(folder)
+        for name, module in self._modules_to_save().items():
+            load_module_state(module, folder / name)
+        losses_state = load_file(str(folder / "losses.safetensors"))
+        for i, loss in enumerate(self.losses):
+            own = {k[len(f"{i}.") :]: v for k, v in losses_state.items() if k.startswith(f"{i}.")}
+            expected = trainable_state(loss)
+            if set(own) != set(expected):
+                raise CheckpointError(
+                    f"{folder}: loss {i} ({getattr(loss.spec, 'kind', '?')}) state does not "
+                    "fit this run's losses"
+                )
+            with torch.no_grad():
+                for k, v in expected.items():
+                    v.copy_(own[k])
+        load_optimizer_state({"G": self.opt_G, "D": self.opt_D}, folder)
+        rng = load_file(str(folder / "rng.safetensors"))
+        torch.set_rng_state(rng["torch_cpu"])
+        cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+        _set_python_rng_state(saved["python_rng"])
+        self.state = TrainerState(
+            step=int(saved["step"]),
+            images_seen=int(saved["images_seen"]),
+            data_position=int(saved["data_position"]),
+            consecutive_skips=int(saved.get("consecutive_skips", 0)),
+            skipped_steps=int(saved.get("skipped_steps", 0)),
+            last_checkpoint_step=int(saved["step"]),
+            last_sample_step=-1,
+        )
+        if saved.get("sample_prompts") is not None:
+            self.sample_prompts = list(saved["sample_prompts"])
+        if int(saved.get("world_size", 1)) != self.world_size:
+            log.warning(
+                "resuming a checkpoint written by %s processes with %s: the data order "
+                "continues from the same position but batches are split differently",
+                saved.get("world_size"),
+                self.world_size,
+            )
+        log.info("resumed from %s at step %d", folder, self.state.step)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python's ``random`` and NumPy's global generator."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        return
+    np.random.seed(seed % 2**32)
+
+
+def _frozen_memo(module: nn.Module) -> dict[int, Any]:
+    """A deepcopy memo that keeps frozen submodules (text towers) shared, not copied."""
+    return {id(sub): sub for sub in module.modules() if sub is not module and is_frozen(sub)}
+
+
+def _python_rng_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_rng_state(state: list[Any]) -> None:
+    version, internal, gauss = state
+    random.setstate((version, tuple(internal), gauss))
