@@ -7,10 +7,13 @@ from typing import ClassVar, Literal
 
 import pytest
 
+from gigagan_core.errors import GigaGANError
 from gigagan_core.plugins import (
     Component,
     PluginConflictError,
+    PluginError,
     PluginLoadError,
+    PluginWarning,
     Registry,
     UnknownComponentError,
     get_registry,
@@ -223,7 +226,7 @@ def test_malformed_registrations_are_rejected_and_leave_the_registry_unchanged(p
 
 
 def test_unknown_kind_and_role_errors_list_what_is_installed():
-    registry = load_registry(autoload=False)
+    registry = load_registry()
     with pytest.raises(UnknownComponentError) as err:
         registry.get("dataset", "laion")
     assert (
@@ -274,3 +277,111 @@ def test_plugin_registered_in_code_is_listed_as_not_installed():
     assert str(err.value) == (
         "loss kind 'local-loss' is registered twice: by plugin 'mine' and by plugin 'mine2'"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Plugins that register nothing, and what the switches say
+# ---------------------------------------------------------------------------------------------
+
+_FORGOTTEN_MARKER = """
+    def gigagan_components():
+        return []
+"""
+
+_MISSPELLED_HOOK = """
+    from gigagan_core.plugins import hookimpl
+
+    @hookimpl
+    def gigagan_component():
+        return []
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "hint"),
+    [
+        (_FORGOTTEN_MARKER, "hook functions without the @hookimpl marker: gigagan_components"),
+        (_MISSPELLED_HOOK, "marked @hookimpl with names that are not hooks: gigagan_component"),
+    ],
+)
+def test_entry_point_module_without_a_hook_warns_naming_the_plugin(make_distribution, source, hint):
+    module = "silent_marker" if "marker:" in hint else "silent_misspelled"
+    make_distribution("silent-gan", modules={module: source}, entry_points={"silent": module})
+    with pytest.warns(PluginWarning) as caught:
+        load_registry()
+    messages = [str(w.message) for w in caught]
+    assert any(
+        "plugin 'silent' (distribution silent-gan 1.0.0) implements no gigagan hook" in m
+        and hint in m
+        for m in messages
+    ), messages
+
+
+def test_a_plugin_with_a_hook_does_not_warn(make_distribution, toy_plugin, recwarn):
+    make_distribution(
+        "acme-gan", modules={"w_acme": toy_plugin("acme-toy")}, entry_points={"acme": "w_acme"}
+    )
+    load_registry()
+    assert not [w for w in recwarn if issubclass(w.category, PluginWarning)]
+
+
+def test_unknown_kind_says_when_autoload_is_off(make_distribution, toy_plugin, monkeypatch):
+    make_distribution(
+        "acme-gan", modules={"k_acme": toy_plugin("acme-toy")}, entry_points={"acme": "k_acme"}
+    )
+    monkeypatch.setenv("GIGAGAN_DISABLE_PLUGIN_AUTOLOAD", "1")
+    registry = load_registry()
+    with pytest.raises(UnknownComponentError) as err:
+        registry.get("dataset", "acme-toy")
+    message = str(err.value)
+    assert message.startswith(
+        "unknown dataset kind 'acme-toy'; installed dataset kinds: synthetic-shapes. "
+    )
+    assert "autoloading is off (GIGAGAN_DISABLE_PLUGIN_AUTOLOAD is set)" in message
+    assert "'acme' (distribution acme-gan 1.0.0)" in message
+    # The same note reaches a spec validation error, which is what a user meets first.
+    from pydantic import BaseModel, ValidationError
+
+    from gigagan_core.plugins import use_registry
+    from gigagan_core.specs import AnyDataset
+
+    class Holder(BaseModel):
+        dataset: AnyDataset
+
+    with use_registry(registry), pytest.raises(ValidationError) as verr:
+        Holder.model_validate({"dataset": {"kind": "acme-toy"}})
+    assert "autoloading is off" in str(verr.value)
+
+
+def test_unknown_kind_names_plugins_left_out_by_the_allowlist(
+    make_distribution, toy_plugin, monkeypatch
+):
+    make_distribution(
+        "acme-gan", modules={"l_acme": toy_plugin("acme-toy")}, entry_points={"acme": "l_acme"}
+    )
+    make_distribution(
+        "zeta-gan", modules={"l_zeta": toy_plugin("zeta-toy")}, entry_points={"zeta": "l_zeta"}
+    )
+    monkeypatch.setenv("GIGAGAN_PLUGINS", "zeta-gan")
+    with pytest.raises(UnknownComponentError, match="GIGAGAN_PLUGINS does not name them: 'acme'"):
+        load_registry().get("dataset", "acme-toy")
+
+
+def test_off_switch_wins_over_the_allowlist_and_says_so(make_distribution, toy_plugin, monkeypatch):
+    make_distribution(
+        "zeta-gan", modules={"o_zeta": toy_plugin("zeta-toy")}, entry_points={"zeta": "o_zeta"}
+    )
+    monkeypatch.setenv("GIGAGAN_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("GIGAGAN_PLUGINS", "zeta-gan")
+    with pytest.warns(PluginWarning, match="the off switch wins") as caught:
+        registry = load_registry()
+    assert "GIGAGAN_PLUGINS=zeta-gan" in str(caught[0].message)
+    assert registry.kinds("dataset") == ["synthetic-shapes"]
+
+
+def test_plugin_errors_share_the_library_base_class_and_keep_their_old_ones():
+    assert issubclass(PluginError, GigaGANError) and issubclass(PluginError, RuntimeError)
+    assert issubclass(UnknownComponentError, GigaGANError)
+    assert issubclass(UnknownComponentError, KeyError)
+    with pytest.raises(GigaGANError):
+        Registry().get("loss", "hinge")

@@ -114,3 +114,94 @@ def test_saved_files_get_ordinary_permissions(tiny, tmp_path):
         os.umask(umask)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         assert (folder / name).stat().st_mode & 0o777 == 0o640, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusing what would load silently wrong, and blaming the right thing
+# ---------------------------------------------------------------------------------------------
+
+
+def _rewrite_weights(folder: Path, change) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        state = {name: f.get_tensor(name) for name in f.keys()}
+    change(state)
+    save_file(state, str(path), metadata=metadata)
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tiny, tmp_path):
+    _generator(tiny).save_pretrained(tmp_path / "g")
+
+    def poison(state: dict[str, torch.Tensor]) -> None:
+        name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+        state[name] = torch.full_like(state[name], float("nan"))
+        poison.name = name  # type: ignore[attr-defined]
+
+    _rewrite_weights(tmp_path / "g", poison)
+    with pytest.raises(PretrainedError, match="NaN or infinite") as err:
+        Generator.from_pretrained(tmp_path / "g")
+    assert poison.name in str(err.value)  # type: ignore[attr-defined]
+    assert WEIGHTS_NAME in str(err.value)
+
+
+def test_integer_weights_for_a_float_module_are_refused(tiny, tmp_path):
+    _generator(tiny).save_pretrained(tmp_path / "g")
+
+    def to_int(state: dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            if value.is_floating_point():
+                state[name] = value.round().to(torch.int64)
+
+    _rewrite_weights(tmp_path / "g", to_int)
+    with pytest.raises(PretrainedError, match=r"wrong dtype kind: .*checkpoint torch\.int64"):
+        Generator.from_pretrained(tmp_path / "g")
+
+
+def test_a_float64_checkpoint_still_loads(tiny, tmp_path):
+    _generator(tiny).double().save_pretrained(tmp_path / "g")
+    loaded = Generator.from_pretrained(tmp_path / "g")
+    assert next(loaded.parameters()).dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("gpu", "map_location='gpu' is not a device"),
+        (3, "map_location must be a device name or torch.device, got int"),
+    ],
+)
+def test_a_bad_map_location_blames_the_argument_not_the_file(tiny, tmp_path, location, message):
+    _generator(tiny).save_pretrained(tmp_path / "g")
+    with pytest.raises(PretrainedError) as err:
+        Generator.from_pretrained(tmp_path / "g", map_location=location)
+    assert message in str(err.value)
+    assert WEIGHTS_NAME not in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_map_location_cuda_without_cuda_says_so(tiny, tmp_path):
+    _generator(tiny).save_pretrained(tmp_path / "g")
+    with pytest.raises(PretrainedError, match="CUDA is not available"):
+        Generator.from_pretrained(tmp_path / "g", map_location="cuda")
+
+
+def test_a_config_that_is_not_utf8_names_the_file(tiny, tmp_path):
+    _generator(tiny).save_pretrained(tmp_path / "g")
+    config = tmp_path / "g" / CONFIG_NAME
+    config.write_bytes(config.read_bytes().replace(b'"kind"', b'"kind\xff"', 1))
+    with pytest.raises(PretrainedError) as err:
+        Generator.from_pretrained(tmp_path / "g")
+    assert str(config) in str(err.value)
+    assert "not UTF-8 text (byte 0xff" in str(err.value)
+
+
+def test_pretrained_errors_are_library_errors():
+    from gigagan_core.errors import GigaGANError
+    from gigagan_core.nets.clip import CLIPWeightsError
+
+    assert issubclass(PretrainedError, GigaGANError) and issubclass(PretrainedError, ValueError)
+    assert issubclass(CLIPWeightsError, GigaGANError)

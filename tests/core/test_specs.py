@@ -83,15 +83,16 @@ def test_spec_instance_of_another_role_is_rejected():
 
 
 def test_specs_are_frozen_and_typed_instances_pass_through():
-    spec = SyntheticShapesSpec(resolution=16)
+    # The run's default generator makes 32-px images; its dataset must match.
+    spec = SyntheticShapesSpec(resolution=32, size=500)
     with pytest.raises(ValidationError):
         spec.resolution = 64  # type: ignore[misc]
     run = RunSpec(dataset=spec)
     assert run.dataset is spec
     assert run.model_dump()["dataset"] == {
         "kind": "synthetic-shapes",
-        "resolution": 16,
-        "size": 10_000,
+        "resolution": 32,
+        "size": 500,
         "seed": 0,
     }
 
@@ -106,7 +107,7 @@ def test_build_goes_through_the_registry():
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
 def test_spec_files_round_trip(tmp_path: Path, suffix: str):
     spec = RunSpec(
-        name="shapes16", batch_size=4, dataset=SyntheticShapesSpec(resolution=16, seed=3)
+        name="shapes32", batch_size=4, dataset=SyntheticShapesSpec(resolution=32, seed=3)
     )
     path = dump_spec(spec, tmp_path / f"run{suffix}")
     assert load_spec(path, RunSpec) == spec
@@ -202,3 +203,30 @@ def test_hyperparameters_keep_values_as_they_are_and_drop_kind():
 
     holder = Holder(inner=nested.parts[0])
     assert holder.hyperparameters()["inner"] is nested.parts[0]
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_a_spec_file_that_is_not_utf8_names_the_file(tmp_path: Path, suffix: str):
+    path = tmp_path / f"bad{suffix}"
+    body = b'kind = "synthetic-shapes\xe9"\n' if suffix == ".toml" else b'{"kind": "s\xe9"}'
+    path.write_bytes(body)
+    with pytest.raises(SpecFileError) as err:
+        load_spec(path, SyntheticShapesSpec)
+    message = str(err.value)
+    assert message.startswith(f"{path}: not UTF-8 text (byte 0xe9 at offset ")
+    assert err.value.__cause__ is None  # one line, not a UnicodeDecodeError chain
+
+
+def test_a_preset_file_that_is_not_utf8_names_the_file(tmp_path: Path):
+    from gigagan_core.presets import load_preset, preset_path
+
+    path = tmp_path / "mine.toml"
+    path.write_bytes(preset_path("tiny").read_bytes() + b"\n# caf\xe9\n")
+    with pytest.raises(SpecFileError, match=f"^{path}: not UTF-8 text"):
+        load_preset(path)
+
+
+def test_spec_file_errors_are_library_errors_and_value_errors():
+    from gigagan_core import GigaGANError
+
+    assert issubclass(SpecFileError, GigaGANError) and issubclass(SpecFileError, ValueError)

@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from gigagan_core.errors import GigaGANError
 from gigagan_core.frozen import freeze, is_frozen, set_trainable, trainable_parameters
 from gigagan_core.plugins import (
     Component,
@@ -23,6 +24,7 @@ __all__ = [
     "Component",
     "ComponentOf",
     "ComponentSpec",
+    "GigaGANError",
     "Registration",
     "Registry",
     "__version__",

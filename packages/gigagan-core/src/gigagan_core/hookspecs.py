@@ -21,17 +21,38 @@ gigagan-train) register their components through exactly this door.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import pluggy
 
-if TYPE_CHECKING:
-    from gigagan_core.plugins import Component
+from gigagan_core.specs import ComponentSpec
+
+__all__ = ["HOOK_NAMES", "PROJECT_NAME", "Component", "gigagan_components", "hookspec"]
 
 PROJECT_NAME = "gigagan"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+
+
+@dataclass(frozen=True)
+class Component:
+    """What a plugin's ``gigagan_components`` hook returns for one component.
+
+    ``spec`` is the spec class (its ``role`` class variable and ``kind`` default say where
+    it is registered). ``factory`` builds the component: if omitted the spec's build
+    step fails with a clear error. A factory is called as ``factory.from_spec(spec,
+    **runtime)`` when it has a ``from_spec`` classmethod, otherwise as
+    ``factory(spec, **runtime)``. ``description`` defaults to the first line of the
+    factory's (else the spec's) docstring.
+
+    Also importable as ``gigagan_core.plugins.Component``.
+    """
+
+    spec: type[ComponentSpec]
+    factory: Callable[..., Any]
+    description: str | None = None
 
 
 @hookspec
@@ -46,3 +67,7 @@ def gigagan_components() -> Sequence[Component]:
     touch the disk: return classes, not instances. A ``(role, kind)`` pair that another
     plugin already provides is an error naming both plugins' distributions.
     """
+
+
+HOOK_NAMES = ("gigagan_components",)
+"""Every hook a plugin may implement; a plugin that implements none of them registers nothing."""

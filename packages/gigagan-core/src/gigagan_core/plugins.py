@@ -10,8 +10,17 @@ Environment variables, read when the registry first loads (or by :func:`load_reg
 ``GIGAGAN_DISABLE_PLUGIN_AUTOLOAD``
     ``1``/``true``/``yes``: load only the built-in distributions' plugins.
 ``GIGAGAN_PLUGINS``
-    Comma-separated entry-point or distribution names: the only third-party plugins to
-    load (the built-ins always load). A name that is not installed is an error.
+    Comma-separated names of the only third-party plugins to load (the built-ins always
+    load). Each name may be an entry-point name (``my_plugin`` in
+    ``[project.entry-points.gigagan]``) or a distribution name (``my-gigagan-plugin``, as
+    ``pip`` knows it; case, ``-``, ``_`` and ``.`` do not matter), which loads every entry
+    point of that distribution. A name that is not installed is an error.
+
+When both are set, the off switch wins: no third-party plugin loads and ``GIGAGAN_PLUGINS``
+is ignored (a warning says so). An unknown ``kind`` error then says that autoloading is off.
+
+An entry point whose module implements no hook (a forgotten ``@hookimpl``, a misspelled hook
+name) registers nothing; loading it warns with a :class:`PluginWarning` naming the plugin.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import logging
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -31,8 +41,9 @@ import pluggy
 from pydantic import ConfigDict, create_model
 
 from gigagan_core import hookspecs
-from gigagan_core.hookspecs import PROJECT_NAME
-from gigagan_core.specs import ComponentOf, ComponentSpec
+from gigagan_core.errors import GigaGANError
+from gigagan_core.hookspecs import HOOK_NAMES, PROJECT_NAME, Component
+from gigagan_core.specs import ComponentOf, ComponentSpec, set_registry_provider
 
 __all__ = [
     "ALLOWLIST_ENV",
@@ -44,6 +55,7 @@ __all__ = [
     "PluginConflictError",
     "PluginError",
     "PluginLoadError",
+    "PluginWarning",
     "Registration",
     "Registry",
     "UnknownComponentError",
@@ -77,8 +89,12 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 """Marker for plugin hook implementations: ``@hookimpl def gigagan_components(): ...``."""
 
 
-class PluginError(RuntimeError):
+class PluginError(GigaGANError, RuntimeError):
     """Base class of plugin-system errors."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin loaded but is probably not what its author meant (e.g. it implements no hook)."""
 
 
 class PluginLoadError(PluginError):
@@ -94,23 +110,6 @@ class UnknownComponentError(PluginError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
-
-
-@dataclass(frozen=True)
-class Component:
-    """What a plugin's ``gigagan_components`` hook returns for one component.
-
-    ``spec`` is the spec class (its ``role`` class variable and ``kind`` default say where
-    it is registered). ``factory`` builds the component: if omitted the spec's build
-    step fails with a clear error. A factory is called as ``factory.from_spec(spec,
-    **runtime)`` when it has a ``from_spec`` classmethod, otherwise as
-    ``factory(spec, **runtime)``. ``description`` defaults to the first line of the
-    factory's (else the spec's) docstring.
-    """
-
-    spec: type[ComponentSpec]
-    factory: Callable[..., Any]
-    description: str | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +170,10 @@ class Registry:
     manager: pluggy.PluginManager = field(default_factory=lambda: _new_manager())
     _table: dict[str, dict[str, Registration]] = field(default_factory=dict)
     _plugins: dict[str, _PluginInfo] = field(default_factory=dict)
+    autoload: bool = True
+    """False when this registry was loaded with third-party autoloading off."""
+    skipped: list[str] = field(default_factory=list)
+    """Third-party plugins that are installed but were not loaded, with why."""
 
     # -- loading -----------------------------------------------------------------
     def register_plugin(
@@ -193,11 +196,15 @@ class Registry:
         info = _PluginInfo(name, distribution, version)
         self._plugins[name] = info
         try:
-            return self._collect(plugin, info)
+            added = self._collect(plugin, info)
         except BaseException:
             self.manager.unregister(plugin)
             del self._plugins[name]
             raise
+        callers = self.manager.get_hookcallers(plugin) or []
+        if not any(caller.name in HOOK_NAMES for caller in callers):
+            warnings.warn(_no_hook_message(plugin, info), PluginWarning, stacklevel=2)
+        return added
 
     def _collect(self, plugin: object, info: _PluginInfo) -> list[Registration]:
         where = _describe(info)
@@ -281,7 +288,24 @@ class Registry:
         installed = ", ".join(self.kinds(role)) or "(none)"
         raise UnknownComponentError(
             f"unknown {role} kind '{kind}'; installed {role} kinds: {installed}"
+            f"{self.missing_kind_note()}"
         )
+
+    def missing_kind_note(self) -> str:
+        """What to add to an "unknown kind" message about plugins that were not loaded."""
+        if not self.autoload:
+            skipped = f" (not loaded: {', '.join(self.skipped)})" if self.skipped else ""
+            return (
+                f". Third-party plugin autoloading is off ({AUTOLOAD_ENV} is set), so only "
+                f"the built-in components are registered{skipped}; unset {AUTOLOAD_ENV} to "
+                "load installed plugins"
+            )
+        if self.skipped:
+            return (
+                f". Installed but not loaded because {ALLOWLIST_ENV} does not name them: "
+                f"{', '.join(self.skipped)}"
+            )
+        return ""
 
     def list_components(
         self, role: str | None = None, pattern: str | None = None
@@ -355,6 +379,31 @@ def _describe_reg(reg: Registration) -> str:
     return f"distribution {reg.distribution} {reg.version} (plugin '{reg.plugin}')"
 
 
+def _no_hook_message(plugin: object, info: _PluginInfo) -> str:
+    names = [name for name in dir(plugin) if not name.startswith("__")]
+    marked = [
+        name
+        for name in names
+        if name not in HOOK_NAMES and hasattr(getattr(plugin, name, None), f"{PROJECT_NAME}_impl")
+    ]
+    unmarked = [name for name in HOOK_NAMES if callable(getattr(plugin, name, None))]
+    hints = []
+    if marked:
+        hints.append(
+            f"functions marked @hookimpl with names that are not hooks: {', '.join(marked)}"
+        )
+    if unmarked:
+        hints.append(f"hook functions without the @hookimpl marker: {', '.join(unmarked)}")
+    if not hints:
+        hints.append("no function named after a hook")
+    return (
+        f"plugin {_describe(info)} implements no gigagan hook, so it registers nothing "
+        f"({'; '.join(hints)}). A plugin module needs "
+        f"'@hookimpl def {HOOK_NAMES[0]}(): ...' with hookimpl from gigagan_core.plugins; "
+        f"hooks: {', '.join(HOOK_NAMES)}"
+    )
+
+
 def _new_manager() -> pluggy.PluginManager:
     manager = pluggy.PluginManager(PROJECT_NAME)
     manager.add_hookspecs(hookspecs)
@@ -382,7 +431,16 @@ def load_registry(
     if allow is None:
         allow = _env_list(ALLOWLIST_ENV)
     allowed = {_canonical(a) for a in allow} if allow is not None else None
-    registry = Registry()
+    if not autoload and allowed is not None:
+        warnings.warn(
+            f"plugin autoloading is off ({AUTOLOAD_ENV}) and an allowlist is given "
+            f"({ALLOWLIST_ENV}={','.join(allow or ())}): the off switch wins, so no "
+            f"third-party plugin loads and the allowlist is ignored. Unset {AUTOLOAD_ENV} "
+            "to load the listed plugins.",
+            PluginWarning,
+            stacklevel=2,
+        )
+    registry = Registry(autoload=autoload)
     matched: set[str] = set()
     seen_points: set[tuple[str, str]] = set()
     # Built-ins first, so a conflict is always reported against the built-in.
@@ -401,12 +459,14 @@ def load_registry(
         if not _is_builtin(ep):
             if not autoload:
                 log.debug("autoload disabled: skipping plugin %s from %s", ep.name, dist_name)
+                registry.skipped.append(_describe(_PluginInfo(ep.name, dist_name, version)))
                 continue
             if allowed is not None:
                 names = {_canonical(ep.name), dist_name}
                 hit = allowed & names
                 if not hit:
                     log.debug("plugin %s from %s is not in %s", ep.name, dist_name, ALLOWLIST_ENV)
+                    registry.skipped.append(_describe(_PluginInfo(ep.name, dist_name, version)))
                     continue
                 matched |= hit
         info = _PluginInfo(ep.name, dist_name, version)
@@ -472,6 +532,9 @@ class use_registry:  # noqa: N801 - used as a context manager, reads like a func
 
     def __exit__(self, *exc: object) -> None:
         _override.registry = self.previous
+
+
+set_registry_provider(get_registry)
 
 
 def list_components(role: str | None = None, pattern: str | None = None) -> list[Registration]:

@@ -27,7 +27,8 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from gigagan_core.specs import ComponentSpec
+from gigagan_core.errors import GigaGANError
+from gigagan_core.specs import ComponentSpec, not_utf8_message
 
 __all__ = [
     "CONFIG_NAME",
@@ -36,6 +37,7 @@ __all__ = [
     "PretrainedMixin",
     "building_from_checkpoint",
     "check_state_dict",
+    "check_tensor_values",
 ]
 
 CONFIG_NAME = "config.json"
@@ -48,7 +50,7 @@ _FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
-class PretrainedError(ValueError):
+class PretrainedError(GigaGANError, ValueError):
     """A saved model folder is missing, corrupt, or does not match the module its config builds."""
 
 
@@ -92,6 +94,80 @@ def check_state_dict(
             problems.append(f"{len(items)} {title}: {shown}")
     if problems:
         raise PretrainedError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating-point"
+    return "integer"
+
+
+def check_tensor_values(
+    expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: str
+) -> None:
+    """Raise :class:`PretrainedError` for tensors of the wrong dtype kind or with NaN/inf.
+
+    A checkpoint tensor must be of the same kind (floating-point, integer, bool) as the
+    module's (float32 into float64 is fine; int64 into a float weight is not), and a
+    floating-point tensor must be finite: weights that are NaN or infinite would load and
+    then produce NaN silently.
+    """
+    wrong_kind = []
+    non_finite = []
+    for name in sorted(set(expected) & set(given)):
+        want, got = expected[name], given[name]
+        if _dtype_kind(want.dtype) != _dtype_kind(got.dtype):
+            wrong_kind.append(
+                f"{name}: checkpoint {got.dtype} ({_dtype_kind(got.dtype)}) vs model "
+                f"{want.dtype} ({_dtype_kind(want.dtype)})"
+            )
+        elif got.is_floating_point() or got.is_complex():
+            bad = int((~torch.isfinite(got)).sum())
+            if bad:
+                non_finite.append(f"{name} ({bad} of {got.numel()} values)")
+    problems = []
+    for title, items in (
+        ("tensors of the wrong dtype kind", wrong_kind),
+        ("tensors with NaN or infinite values", non_finite),
+    ):
+        if items:
+            shown = ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+            problems.append(f"{len(items)} {title}: {shown}")
+    if problems:
+        raise PretrainedError(f"{source} cannot be loaded: " + "; ".join(problems))
+
+
+def _check_map_location(map_location: object) -> torch.device:
+    """The argument as a device, or a :class:`PretrainedError` that blames the argument."""
+    if isinstance(map_location, torch.device):
+        device = map_location
+    elif isinstance(map_location, str):
+        try:
+            device = torch.device(map_location)
+        except (RuntimeError, ValueError):
+            raise PretrainedError(
+                f"map_location={map_location!r} is not a device; use e.g. 'cpu', 'cuda', "
+                "'cuda:1' or 'mps'"
+            ) from None
+    else:
+        raise PretrainedError(
+            f"map_location must be a device name or torch.device, got {type(map_location).__name__}"
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PretrainedError(
+            f"map_location={str(device)!r} but CUDA is not available here; use 'cpu'"
+        )
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise PretrainedError(
+                f"map_location={str(device)!r} but this machine has {count} CUDA device(s)"
+            )
+    return device
 
 
 def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -182,7 +258,9 @@ class PretrainedMixin:
         if not path.is_file():
             raise PretrainedError(f"{path}: not found (is {directory} a saved model folder?)")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise PretrainedError(f"{path}: {not_utf8_message(exc)}") from None
         except (OSError, json.JSONDecodeError) as exc:
             raise PretrainedError(f"{path}: not readable JSON ({exc})") from exc
         if isinstance(data, dict):
@@ -208,8 +286,11 @@ class PretrainedMixin:
     ) -> Self:
         """Rebuild the module from ``config.json`` and load ``model.safetensors`` into it.
 
-        Every tensor must be present with the shape the config implies; otherwise a
-        :class:`PretrainedError` lists what differs. A checkpoint whose floating tensors
+        Every tensor must be present with the shape the config implies and the same dtype
+        kind (floating-point, integer, bool) as the module's, and floating-point tensors must
+        be finite; otherwise a :class:`PretrainedError` lists what differs. A bad
+        ``map_location`` (``"gpu"``, or ``"cuda"`` where there is none) is reported as such
+        before any file is read. A checkpoint whose floating tensors
         share one dtype loads into a module of that dtype. The module is returned in eval
         mode.
 
@@ -219,6 +300,7 @@ class PretrainedMixin:
         """
         from safetensors import SafetensorError, safe_open
 
+        map_location = _check_map_location(map_location)
         folder = Path(directory)
         spec = cls.load_config(folder)
         weights = folder / WEIGHTS_NAME
@@ -234,6 +316,7 @@ class PretrainedMixin:
         with _from_checkpoint():
             module = cls.from_spec(spec, **runtime)  # type: ignore[attr-defined]
         check_state_dict(module.state_dict(), state, str(weights))
+        check_tensor_values(module.state_dict(), state, str(weights))
         shared = _shared_submodules(module, runtime)
         for prefix, sub in shared.items():
             _check_shared(prefix, sub, state, weights)
@@ -256,8 +339,8 @@ class PretrainedMixin:
 def _check_same_save(folder: Path, metadata: dict[str, str]) -> None:
     saved = metadata.get(SAVE_ID_KEY)
     try:
-        config_id = json.loads((folder / CONFIG_NAME).read_text()).get(SAVE_ID_KEY)
-    except (OSError, json.JSONDecodeError, AttributeError):  # load_config reported those
+        config_id = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get(SAVE_ID_KEY)
+    except (OSError, ValueError, AttributeError):  # load_config reported those
         config_id = None
     if saved is not None and config_id is not None and saved != config_id:
         raise PretrainedError(

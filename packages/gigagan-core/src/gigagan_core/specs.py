@@ -11,6 +11,11 @@ the plugin registry at validation time, so components from third-party packages 
 exactly like the built-ins, errors keep their full path (``losses.2.weight``), and an
 unknown kind lists what is installed for that role.
 
+This module sits below the plugin system: it does not import :mod:`gigagan_core.plugins`.
+It declares the registry operations it needs (:class:`RegistryView`) and asks for the
+current registry through a provider that :mod:`gigagan_core.plugins` installs when it is
+imported (importing ``gigagan_core`` does that).
+
 Example::
 
     class MyLossSpec(ComponentSpec):
@@ -23,8 +28,9 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, TypeVar, Union
 
 import tomli_w
 from pydantic import (
@@ -37,6 +43,8 @@ from pydantic import (
     ValidationError,
 )
 from pydantic_core import PydanticCustomError, core_schema
+
+from gigagan_core.errors import GigaGANError
 
 if TYPE_CHECKING:
     from pydantic.json_schema import JsonSchemaValue
@@ -51,10 +59,48 @@ __all__ = [
     "AnyUpsampler",
     "ComponentOf",
     "ComponentSpec",
+    "RegistryView",
     "SpecFileError",
     "dump_spec",
     "load_spec",
+    "set_registry_provider",
 ]
+
+
+class RegistryView(Protocol):
+    """The registry operations specs need (:class:`gigagan_core.plugins.Registry` has them)."""
+
+    def has(self, role: str, kind: Any) -> bool: ...
+
+    def get(self, role: str, kind: str) -> Any: ...
+
+    def kinds(self, role: str) -> list[str]: ...
+
+    def list_components(self, role: str | None = None, pattern: str | None = None) -> list[Any]: ...
+
+    def build(self, spec: ComponentSpec, **runtime: Any) -> Any: ...
+
+    def missing_kind_note(self) -> str: ...
+
+
+_registry_provider: Callable[[], RegistryView] | None = None
+
+
+def set_registry_provider(provider: Callable[[], RegistryView]) -> None:
+    """Say where specs find the current registry (``gigagan_core.plugins`` does this on
+    import, with its ``get_registry``)."""
+    global _registry_provider
+    _registry_provider = provider
+
+
+def _current_registry() -> RegistryView:
+    if _registry_provider is None:
+        # Only reachable when this module is loaded without its package.
+        raise GigaGANError(
+            "no component registry: import gigagan_core (which loads the plugin system) "
+            "before validating or building specs"
+        )
+    return _registry_provider()
 
 
 class ComponentSpec(BaseModel):
@@ -96,9 +142,7 @@ class ComponentSpec(BaseModel):
         ``runtime`` carries objects that are not hyperparameters (e.g. a device or an
         already-built text encoder to share); most components need none.
         """
-        from gigagan_core.plugins import get_registry
-
-        return get_registry().build(self, **runtime)
+        return _current_registry().build(self, **runtime)
 
 
 class ComponentOf:
@@ -116,9 +160,7 @@ class ComponentOf:
         return f"ComponentOf({self.role!r})"
 
     def _validate(self, value: Any) -> ComponentSpec:
-        from gigagan_core.plugins import get_registry
-
-        registry = get_registry()
+        registry = _current_registry()
         if isinstance(value, ComponentSpec):
             kind, spec_role = value.kind, type(value).role
             if spec_role != self.role:
@@ -144,11 +186,12 @@ class ComponentOf:
         if not registry.has(self.role, kind):
             raise PydanticCustomError(
                 "component_kind_unknown",
-                "unknown {role} kind '{kind}'; installed {role} kinds: {installed}",
+                "unknown {role} kind '{kind}'; installed {role} kinds: {installed}{note}",
                 {
                     "role": self.role,
                     "kind": str(kind),
                     "installed": _installed(registry, self.role),
+                    "note": registry.missing_kind_note(),
                 },
             )
         spec_cls = registry.get(self.role, kind).spec
@@ -189,9 +232,7 @@ class ComponentOf:
     def __get_pydantic_json_schema__(
         self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
-        from gigagan_core.plugins import get_registry
-
-        specs = [reg.spec for reg in get_registry().list_components(self.role)]
+        specs = [reg.spec for reg in _current_registry().list_components(self.role)]
         if not specs:
             return {"not": {}, "description": f"no {self.role} component is installed"}
         union = specs[0] if len(specs) == 1 else Union[tuple(specs)]  # noqa: UP007
@@ -199,7 +240,7 @@ class ComponentOf:
         return handler(adapter.core_schema)
 
 
-def _installed(registry: Any, role: str) -> str:
+def _installed(registry: RegistryView, role: str) -> str:
     kinds = registry.kinds(role)
     return ", ".join(kinds) if kinds else "(none)"
 
@@ -213,7 +254,7 @@ AnyUpsampler = Annotated[ComponentSpec, ComponentOf("upsampler")]
 AnyDataset = Annotated[ComponentSpec, ComponentOf("dataset")]
 
 
-class SpecFileError(ValueError):
+class SpecFileError(GigaGANError, ValueError):
     """A spec file could not be read or did not validate; the message names the file."""
 
     def __init__(self, path: Path, message: str) -> None:
@@ -235,6 +276,8 @@ def load_spec(path: str | Path, model: type[M]) -> M:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecFileError(path, "no such spec file") from None
+    except UnicodeDecodeError as err:
+        raise SpecFileError(path, not_utf8_message(err)) from None
     except OSError as err:
         raise SpecFileError(path, f"cannot read spec file ({err.strerror})") from err
     try:
@@ -250,6 +293,13 @@ def load_spec(path: str | Path, model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as err:
         raise SpecFileError(path, f"invalid {model.__name__} spec\n{err}") from err
+
+
+def not_utf8_message(err: UnicodeDecodeError) -> str:
+    """``"not UTF-8 text (byte 0xff at offset 12)"``: what to say about a file that is not."""
+    bad = err.object[err.start : err.start + 1]
+    shown = f"byte 0x{bad[0]:02x}" if bad else "a byte"
+    return f"not UTF-8 text ({shown} at offset {err.start}); save the file as UTF-8"
 
 
 def dump_spec(spec: BaseModel, path: str | Path) -> Path:
