@@ -326,5 +326,5 @@ def test_batch_errors_are_named(gen, tiny_spec):
     with pytest.raises(ValueError, match="w_coarse has 3 rows and w_fine 2"):
         gen.style_mix(w, w[:2], 1)
     assert gen.style_mix(w, w[:1], 1).shape == (3, gen.num_ws, tiny_spec.w_dim)
-    with pytest.raises(ValueError, match=r"z must have shape \(b, 16\) with b >= 1, got \(0, 16\)"):
+    with pytest.raises(ValueError, match=r"z is an empty batch \(shape \(0, 16\)\); pass b >= 1"):
         gen(torch.zeros(0, tiny_spec.z_dim), [])

@@ -44,7 +44,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, core_schema
 
-from gigagan_core.errors import GigaGANError
+from gigagan_core.errors import GigaGANError, SpecTypeError
 
 if TYPE_CHECKING:
     from pydantic.json_schema import JsonSchemaValue
@@ -63,6 +63,7 @@ __all__ = [
     "SpecFileError",
     "dump_spec",
     "load_spec",
+    "require_spec",
     "set_registry_provider",
 ]
 
@@ -238,6 +239,31 @@ class ComponentOf:
         union = specs[0] if len(specs) == 1 else Union[tuple(specs)]  # noqa: UP007
         adapter = TypeAdapter(Annotated[union, Field(discriminator="kind")])
         return handler(adapter.core_schema)
+
+
+def _describe_spec_class(cls: type) -> str:
+    role = getattr(cls, "role", "") or "role-less"
+    try:
+        kind = cls.default_kind()  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, KeyError):
+        return f"{role} spec {cls.__qualname__}"
+    return f"{role} spec (kind '{kind}')"
+
+
+def require_spec(spec: object, expected: type[ComponentSpec], who: str) -> None:
+    """Raise :class:`~gigagan_core.errors.SpecTypeError` unless ``spec`` is an ``expected``.
+
+    ``who`` names the caller (``"Generator.from_spec"``); the message names both kinds, e.g.
+    ``Generator.from_spec needs a generator spec (kind 'gigagan-generator'), got a
+    discriminator spec (kind 'ms-io')``.
+    """
+    if isinstance(spec, expected):
+        return
+    if isinstance(spec, ComponentSpec):
+        got = f"{type(spec).role or 'role-less'} spec (kind '{spec.kind}')"
+    else:
+        got = f"{type(spec).__name__} (not a spec)"
+    raise SpecTypeError(f"{who} needs a {_describe_spec_class(expected)}, got a {got}")
 
 
 def _installed(registry: RegistryView, role: str) -> str:

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from gigagan_core.errors import InputError
+from gigagan_core.layers.checks import check_tensor
 from gigagan_core.layers.equalized import EqualizedLinear, bias_act
 from gigagan_core.specs import ComponentSpec
 
@@ -309,12 +311,10 @@ class AdaptiveConv2d(nn.Module):
 
         ``fused`` overrides the layer's own setting for this call.
         """
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x must have shape (b, {self.in_channels}, h, w), got {tuple(x.shape)}"
-            )
+        check_tensor(x, "x", shape=f"b {self.in_channels} h w", ndim=4, sizes={1: self.in_channels})
+        check_tensor(w, "w", shape=f"b {self.w_dim}", ndim=2, sizes={1: self.w_dim})
         if w.shape[0] != x.shape[0]:
-            raise ValueError(f"x and w batch sizes differ: {x.shape[0]} vs {w.shape[0]}")
+            raise InputError(f"x and w batch sizes differ: {x.shape[0]} vs {w.shape[0]}")
         if noise_mode not in ("random", "none"):
             raise ValueError(f"unknown noise_mode '{noise_mode}'; expected 'random' or 'none'")
         if noise is not None and self.noise_strength is None:
@@ -326,6 +326,14 @@ class AdaptiveConv2d(nn.Module):
         else:
             y = self._conv_reference(x, w)
 
+        if noise is not None:
+            check_tensor(noise, "noise", shape="b 1 h w")
+            allowed = {(y.shape[0], 1, *y.shape[2:]), (1, 1, *y.shape[2:])}
+            if tuple(noise.shape) not in allowed:
+                raise InputError(
+                    f"noise must have shape (b, 1, h, w) = ({y.shape[0]}, 1, {y.shape[2]}, "
+                    f"{y.shape[3]}) (the output's size; b may be 1), got {tuple(noise.shape)}"
+                )
         if self.noise_strength is not None and (noise is not None or noise_mode == "random"):
             if noise is None:
                 noise = torch.randn(y.shape[0], 1, *y.shape[2:], device=y.device, dtype=y.dtype)

@@ -15,14 +15,25 @@ from gigagan_core.nets.generator import (
     slerp,
 )
 from gigagan_core.nets.mapping import MappingNetwork, truncate
+from gigagan_core.nets.protocols import (
+    SINGLE_SCALE_PAIR,
+    DiscriminatorOutputError,
+    DiscriminatorOutputProtocol,
+    DiscriminatorProtocol,
+    check_discriminator_output,
+)
 from gigagan_core.nets.pyramid import build_pyramid, check_pyramid
 from gigagan_core.nets.text import CLIPTextEncoder, CLIPTextEncoderSpec
 from gigagan_core.nets.text_features import TextFeatures
 
 __all__ = [
+    "SINGLE_SCALE_PAIR",
     "CLIPTextEncoder",
     "CLIPTextEncoderSpec",
     "DiscriminatorOutput",
+    "DiscriminatorOutputError",
+    "DiscriminatorOutputProtocol",
+    "DiscriminatorProtocol",
     "Generator",
     "GeneratorOutput",
     "GeneratorSpec",
@@ -35,6 +46,7 @@ __all__ = [
     "TextFeatures",
     "TextTransformer",
     "build_pyramid",
+    "check_discriminator_output",
     "check_pyramid",
     "slerp",
     "split_global_local",

@@ -38,14 +38,16 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
 from gigagan_core.layers.attention import L2SelfAttention
+from gigagan_core.layers.checks import check_captions, check_tensor
 from gigagan_core.layers.equalized import EqualizedConv2d
 from gigagan_core.nets.conditioning import build_text_path
 from gigagan_core.nets.pyramid import build_pyramid, check_pyramid
 from gigagan_core.nets.text_features import TextFeatures
 from gigagan_core.pretrained import PretrainedMixin
-from gigagan_core.specs import AnyTextEncoder, ComponentSpec
+from gigagan_core.specs import AnyTextEncoder, ComponentSpec, require_spec
 
 __all__ = [
     "DiscriminatorOutput",
@@ -376,6 +378,7 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
         self, spec: MultiScaleDiscriminatorSpec, text_encoder: nn.Module | None = None
     ) -> None:
         super().__init__()
+        require_spec(spec, MultiScaleDiscriminatorSpec, type(self).__name__)
         self.spec = spec
         # A shared encoder (e.g. the generator's) is registered here too, so the checkpoint
         # of this module is complete on its own.
@@ -475,6 +478,8 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
                 "TextFeatures) or text_embedding"
             )
         assert self.text_encoder is not None and self.text_transformer is not None
+        if not isinstance(texts, TextFeatures):
+            check_captions(texts, "texts")
         if isinstance(texts, str):
             texts = [texts]
         features = texts if isinstance(texts, TextFeatures) else self.text_encoder(list(texts))
@@ -490,13 +495,22 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
         # A generator's or upsampler's output object stands for its pyramid.
         images = getattr(images, "pyramid", images)
         if isinstance(images, Tensor):
-            if images.ndim != 4 or images.shape[1:] != (channels, resolution, resolution):
-                raise ValueError(
+            shape = f"b {channels} {resolution} {resolution}"
+            check_tensor(images, "images", shape=shape, ndim=4)
+            if images.shape[1:] != (channels, resolution, resolution):
+                raise InputError(
                     f"images must be 'b c h w' with shape (b, {channels}, {resolution}, "
                     f"{resolution}), or the full pyramid; got {tuple(images.shape)}"
                 )
             return build_pyramid(images, self.levels)
+        if isinstance(images, str) or not isinstance(images, Sequence):
+            raise InputError(
+                f"images must be a tensor 'b c h w' or a list of pyramid levels, got "
+                f"{type(images).__name__}"
+            )
         pyramid = list(images)
+        for i, level in enumerate(pyramid):
+            check_tensor(level, f"images[{i}]", shape="b c h w", ndim=4)
         check_pyramid(pyramid, self.resolutions, channels)
         return pyramid
 
@@ -513,6 +527,7 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
         if text_embedding is not None:
             if texts is not None:
                 raise ValueError("pass texts or text_embedding, not both")
+            check_tensor(text_embedding, "text_embedding", shape="b text_dim", ndim=2)
             if text_embedding.shape != (b, self.spec.text_dim):
                 raise ValueError(
                     f"text_embedding must have shape (b, text_dim) = ({b}, "

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
+from gigagan_core.layers.checks import check_tensor
 from gigagan_core.nets.conditioning import TextConditioning
 from gigagan_core.nets.styled import (
     StyledAttention,
@@ -407,10 +408,7 @@ class Generator(StyledNetwork):
         update_w_avg: bool | None = None,
     ) -> GeneratorOutput:
         """``z: b z_dim`` and ``b`` captions to the image pyramid (highest resolution first)."""
-        if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] != self.z_dim:
-            raise ValueError(
-                f"z must have shape (b, {self.z_dim}) with b >= 1, got {tuple(z.shape)}"
-            )
+        check_tensor(z, "z", shape=f"b {self.z_dim}", ndim=2, sizes={1: self.z_dim})
         text = self.encode_text(texts, batch_size=z.shape[0])
         if text is not None and len(text) != z.shape[0]:
             raise ValueError(f"got {z.shape[0]} latents but {len(text)} captions")

@@ -18,12 +18,13 @@ from torch import Tensor, nn
 
 from gigagan_core.frozen import trainable_parameters
 from gigagan_core.layers.attention import L2CrossAttention, L2SelfAttention
+from gigagan_core.layers.checks import check_captions
 from gigagan_core.layers.equalized import EqualizedLinear
 from gigagan_core.nets.conditioning import TextConditioning, build_text_path
 from gigagan_core.nets.mapping import MappingNetwork, truncate
 from gigagan_core.nets.text_features import TextFeatures
 from gigagan_core.pretrained import PretrainedMixin
-from gigagan_core.specs import AnyTextEncoder, ComponentSpec
+from gigagan_core.specs import AnyTextEncoder, ComponentSpec, require_spec
 
 __all__ = ["StyledAttention", "StyledNetwork", "StyledNetworkSpec", "TextInput", "randn"]
 
@@ -159,6 +160,7 @@ class StyledNetwork(PretrainedMixin, nn.Module):
     def _build_text_and_mapping(
         self, spec: StyledNetworkSpec, text_encoder: nn.Module | None
     ) -> None:
+        self._require_own_spec(spec)
         self.text_encoder, self.text_transformer = build_text_path(
             spec.text_encoder,
             text_encoder,
@@ -181,6 +183,12 @@ class StyledNetwork(PretrainedMixin, nn.Module):
         """Build the network ``spec`` describes (sharing ``text_encoder`` if given)."""
         return cls(spec, text_encoder=text_encoder)
 
+    @classmethod
+    def _require_own_spec(cls, spec: object) -> None:
+        spec_class = getattr(cls, "spec_class", None)
+        if spec_class is not None:
+            require_spec(spec, spec_class, cls.__name__)
+
     @property
     def conditional(self) -> bool:
         return self.text_encoder is not None
@@ -202,6 +210,8 @@ class StyledNetwork(PretrainedMixin, nn.Module):
         """
         if isinstance(texts, TextConditioning):
             return texts
+        if texts is not None and not isinstance(texts, TextFeatures):
+            check_captions(texts, "texts")
         if not self.conditional:
             if texts is not None:
                 raise ValueError(f"this {self.network_name} is unconditional; it takes no text")

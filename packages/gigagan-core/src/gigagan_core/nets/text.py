@@ -50,7 +50,7 @@ from gigagan_core.nets.clip import (
 )
 from gigagan_core.nets.text_features import TextFeatures
 from gigagan_core.pretrained import PretrainedMixin, building_from_checkpoint
-from gigagan_core.specs import ComponentSpec
+from gigagan_core.specs import ComponentSpec, require_spec
 
 __all__ = ["CLIPTextEncoder", "CLIPTextEncoderSpec"]
 
@@ -204,6 +204,7 @@ class CLIPTextEncoder(PretrainedMixin, nn.Module):
         cls, spec: CLIPTextEncoderSpec, *, device: torch.device | str | None = None
     ) -> CLIPTextEncoder:
         """Build from ``spec``; ``device`` (runtime) moves the module there."""
+        require_spec(spec, CLIPTextEncoderSpec, f"{cls.__name__}.from_spec")
         module = cls(**spec.hyperparameters())
         module.spec = spec
         return module if device is None else module.to(device)
