@@ -9,6 +9,7 @@ dependency declaration therefore shows up as an import failure here.
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata as md
 import json
 import os
@@ -174,3 +175,102 @@ print(json.dumps({{
     assert set(result["component_dists"]) <= set(expected)
     assert result["visible_others"] == []
     assert result["file"].startswith(str(site))  # the wheel, not the source tree
+
+
+# ---------------------------------------------------------------------------------------------
+# Import arrows point one way inside each package
+# ---------------------------------------------------------------------------------------------
+
+
+def _module_name(src: Path, path: Path) -> str:
+    parts = list(path.relative_to(src).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> set[str]:
+    """Every module of ``known`` this module imports, wherever the import statement is
+    (top level, inside a function, under ``if TYPE_CHECKING``): a deferred import is still
+    an arrow."""
+    found: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            # ``from pkg import sub`` imports the submodule when there is one.
+            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != module:
+                found.add(target)
+    return found
+
+
+def _import_graph(src: Path) -> dict[str, set[str]]:
+    files = {_module_name(src, p): p for p in src.rglob("*.py")}
+    known = set(files)
+    return {
+        name: _imports(
+            ast.parse(path.read_text(encoding="utf-8")), name, path.name == "__init__.py", known
+        )
+        for name, path in files.items()
+    }
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Cycles between modules, ignoring arrows into package ``__init__`` modules (a package
+    re-exports its submodules, and importing ``a.b`` runs ``a/__init__`` by design)."""
+    packages = {name for name in graph if any(other.startswith(name + ".") for other in graph)}
+    edges = {m: {t for t in targets if t not in packages} for m, targets in graph.items()}
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [])
+    return cycles
+
+
+@pytest.mark.parametrize(
+    ("dist", "top"),
+    [
+        ("gigagan-core", "gigagan_core"),
+        ("gigagan-losses", "gigagan_losses"),
+        ("gigagan-upsampler", "gigagan_upsampler"),
+    ],
+)
+def test_no_import_cycles_inside_a_package(dist: str, top: str):
+    graph = _import_graph(REPO / "packages" / dist / "src")
+    assert top in graph
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_check_sees_deferred_and_type_checking_imports(tmp_path: Path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg.b import x\n")
+    (pkg / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import c\n"
+    )
+    (pkg / "c.py").write_text("def f():\n    from . import a\n")
+    assert _cycles(_import_graph(tmp_path)) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]

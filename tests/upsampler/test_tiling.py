@@ -369,3 +369,45 @@ def test_default_tiling_reaches_the_receptive_radius(local_model):
     # The smallest tile that overlaps still runs (with an overlap of one multiple).
     m = local_model.multiple
     assert upsample(local_model, x, "a", tile=2 * m).shape == full.shape
+
+
+# ---- what upsample() refuses, and how it says so -------------------------------------------------
+
+
+def test_a_float_image_in_0_255_is_refused_not_clamped(tiny_model):
+    from gigagan_core.errors import InputError
+
+    x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255.0
+    with pytest.raises(InputError, match=r"read as values in \[-1, 1\].*looks like \[0, 255\]"):
+        upsample(tiny_model, x, "a caption")
+    with pytest.raises(InputError, match="rescale it to"):
+        upsample(tiny_model, x - 1000.0, "a caption")
+    # A small overshoot (a model's own output) still runs and is clamped.
+    out = upsample(tiny_model, _images(3, 8, 8) * 1.05, "a caption")
+    assert out.abs().max() <= 1.0
+
+
+def test_a_generator_given_as_the_model_is_named(tiny_model):
+    from gigagan_core.errors import InputError
+    from gigagan_core.nets import Generator
+    from gigagan_core.presets import load_preset
+
+    torch.manual_seed(0)
+    generator = Generator.from_spec(load_preset("tiny").generator)
+    with pytest.raises(InputError, match="needs a GigaGANUpsampler as its model, got Generator"):
+        upsample(generator, _images(3, 8, 8), "a caption")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_clear_error(tiny_model):
+    from gigagan_core.errors import InputError
+
+    with pytest.raises(InputError, match="CUDA is not available on this machine"):
+        upsample(tiny_model, _images(3, 8, 8), "a caption", device="cuda")
+
+
+def test_a_device_name_that_is_not_one_is_blamed_on_the_argument(tiny_model):
+    from gigagan_core.errors import InputError
+
+    with pytest.raises(InputError, match="device='gpu' is not a device"):
+        upsample(tiny_model, _images(3, 8, 8), "a caption", device="gpu")

@@ -44,17 +44,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, TypeAlias
+from typing import Literal, TypeAlias
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from gigagan_core.errors import InputError
 from gigagan_upsampler.noise import PixelNoise
-
-if TYPE_CHECKING:
-    from gigagan_upsampler.unet import GigaGANUpsampler, NoiseMode, TextInput
+from gigagan_upsampler.unet import GigaGANUpsampler, NoiseMode, TextInput
 
 __all__ = [
     "ImageInput",
@@ -176,7 +175,62 @@ def _as_batch(
     elif not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"the image holds {bad} NaN or infinite values")
+    else:
+        _check_float_range(x)
     return x, layout, None
+
+
+# Float input is read as [-1, 1]; a model's own output may overshoot a little (it is clamped),
+# but values beyond this are another convention ([0, 255] most often), not an overshoot.
+_FLOAT_RANGE_LIMIT = 1.5
+
+
+def _check_float_range(x: Tensor) -> None:
+    low, high = float(x.min()), float(x.max())
+    if low >= -_FLOAT_RANGE_LIMIT and high <= _FLOAT_RANGE_LIMIT:
+        return
+    hint = (
+        "it looks like [0, 255] data: pass it as uint8, or as x / 127.5 - 1"
+        if low >= 0.0 and high <= 255.0
+        else "rescale it to [-1, 1]"
+    )
+    raise InputError(
+        f"a float image tensor is read as values in [-1, 1], but this one holds values in "
+        f"[{low:g}, {high:g}]; {hint}"
+    )
+
+
+def _check_model(model: object) -> None:
+    if isinstance(model, GigaGANUpsampler):
+        return
+    what = type(model).__name__
+    spec = getattr(model, "spec", None)
+    role = getattr(type(spec), "role", None) if spec is not None else None
+    if role:
+        what += f" (a {role} of kind '{spec.kind}')"  # type: ignore[union-attr]
+    raise InputError(
+        f"upsample() needs a GigaGANUpsampler as its model, got {what}; load one with "
+        "GigaGANUpsampler.from_pretrained(folder) or build it from an upsampler preset"
+    )
+
+
+def _run_device(device: torch.device | str | None, model: GigaGANUpsampler) -> torch.device:
+    if device is None:
+        return model._device()
+    try:
+        run_device = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(
+            f"device={device!r} is not a device; use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'"
+        ) from None
+    if run_device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"device={device!r} but CUDA is not available on this machine; pass device='cpu' "
+            "or leave device out to run where the model is"
+        )
+    if run_device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device={device!r} but MPS is not available on this machine")
+    return run_device
 
 
 def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
@@ -277,7 +331,8 @@ def upsample(
     """Upsample ``image`` by ``model.scale``, whole or in blended tiles (see module doc).
 
     - ``image``: a PIL image, a list of same-size PIL images, or a tensor ``c h w`` /
-      ``b c h w`` (float in [-1, 1], or uint8); any height and width. PIL images are
+      ``b c h w`` (float in [-1, 1], or uint8 in [0, 255]); any height and width. A float
+      tensor with values beyond ±1.5 (e.g. [0, 255] data) is an error, not clamped. PIL images are
       converted to the model's channel count (16-bit and float greyscale at full
       precision, see :func:`from_pil`); an alpha channel is not upsampled by the network
       but resized with Lanczos and reattached to ``"pil"`` output. NaN or infinite values
@@ -298,15 +353,21 @@ def upsample(
       gives the same image. ``noise_mode="none"`` injects no noise; ``augment=False``
       skips the input's noise augmentation.
     - ``device``: where the network runs (default: the model's device; the model is moved
-      there if it lies elsewhere); the output is assembled on the input's device.
+      there if it lies elsewhere); the output is assembled on the input's device. A device
+      this machine does not have (``"cuda"`` without CUDA) is an error.
+
+    ``model`` must be a :class:`~gigagan_upsampler.unet.GigaGANUpsampler` (a generator, or
+    the interpolation baseline, is refused with an error that says so).
     - ``output``: ``"tensor"`` returns the input's layout (``c h w`` or ``b c h w``, for PIL
       input ``b c h w``) in [-1, 1], clamped; ``"pil"`` returns a PIL image (a list for a
       list of images or a ``b c h w`` tensor).
 
     ``upsample`` can be applied to its own output (e.g. 8x then 8x).
     """
+    _check_model(model)
     if output not in ("tensor", "pil"):
         raise ValueError(f"output must be 'tensor' or 'pil', got {output!r}")
+    run_device = _run_device(device, model)
     if batch_tiles < 1:
         raise ValueError(f"batch_tiles must be at least 1, got {batch_tiles}")
     spec = model.spec
@@ -318,7 +379,6 @@ def upsample(
             f"the model takes {spec.image_channels}-channel images, got {x.shape[1]} channels"
         )
     home = x.device
-    run_device = torch.device(device) if device is not None else model._device()
     if run_device != model._device():
         model.to(run_device)
     dtype = model.stem.weight.dtype

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +53,6 @@ from gigagan_core.nets.styled import (
     randn,
 )
 from gigagan_upsampler.noise import PixelNoise
-
-if TYPE_CHECKING:
-    from gigagan_upsampler.tiling import ImageInput, ImageOutput
 
 __all__ = [
     "GigaGANUpsampler",
@@ -643,14 +640,6 @@ class GigaGANUpsampler(StyledNetwork):
                 image, scale_factor=float(num), mode="bilinear", align_corners=False
             )
         return image
-
-    # ---- inference on images of any size --------------------------------------------------
-
-    def upsample(self, image: ImageInput, texts: TextInput = None, **kwargs: Any) -> ImageOutput:
-        """:func:`gigagan_upsampler.tiling.upsample` with this model (same keywords)."""
-        from gigagan_upsampler.tiling import upsample
-
-        return upsample(self, image, texts, **kwargs)
 
     def extra_repr(self) -> str:
         return (
