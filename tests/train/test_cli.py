@@ -72,10 +72,11 @@ def test_train_dry_run_on_the_default_writes_spec_and_sample_grid(capsys, tmp_pa
     spec = load_spec(out / "spec.json", RunSpec)
     assert spec == load_spec(preset_path("demo"), RunSpec)
     grid = Image.open(out / "real_samples.png")
-    # 16 images of 32 px in a 4x4 grid with torchvision's 2 px padding.
-    assert grid.size == (4 * 34 + 2, 4 * 34 + 2)
+    # 16 images of 32 px, enlarged 3x, in a 4x4 grid with 2 px padding; captions beside it
+    assert grid.size[1] == 4 * (96 + 2) + 2 and grid.size[0] > grid.size[1] + 100
     captions = json.loads((out / "real_captions.json").read_text())
-    assert len(captions) == spec.batch_size and all(" on a " in c for c in captions)
+    assert len(captions) == spec.batch_size
+    assert all(" on a " in c or " on an " in c for c in captions)
 
 
 def test_train_with_invalid_spec_names_file_and_field(capsys, tmp_path: Path):
@@ -87,13 +88,18 @@ def test_train_with_invalid_spec_names_file_and_field(capsys, tmp_path: Path):
     assert "batch_size\n  Input should be a valid integer" in err
 
 
-def test_train_without_dry_run_says_the_loop_is_missing(capsys):
-    assert main(["train"]) == 2
-    assert "has no training loop yet" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("missing", ["missing.toml", "missing.json"])
 def test_missing_spec_file(capsys, tmp_path: Path, missing: str):
     path = tmp_path / missing
     assert main(["train", str(path), "--dry-run"]) == 2
     assert capsys.readouterr().err == f"error: {path}: no such spec file\n"
+
+
+def test_spec_validates_a_file_before_printing_it(capsys, tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = 'x'\nbatch_size = true\n")
+    assert main(["spec", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"error: {bad}: invalid RunSpec spec\n")
+    assert "batch_size\n  Input should be a valid integer" in captured.err

@@ -184,14 +184,13 @@ def _check_forward(run: AssembledRun, batch: dict[str, Any]) -> None:
     real = batch["image"][: max(2, min(4, len(batch["image"])))]
     conditional = bool(getattr(run.model, "conditional", False))
     texts = [str(c) for c in batch["caption"][: len(real)]] if conditional else None
-    try:
-        with torch.no_grad():
-            if spec.trains_upsampler:
-                low = downsample(real, int(getattr(run.model, "scale", 1)))
-                fake = _pyramid(run.model(low, texts))
-            else:
-                z = torch.randn(len(real), run.model.z_dim)
-                fake = _pyramid(run.model(z, texts))
+    try:  # with its graph: the G-phase losses are checked on it
+        if spec.trains_upsampler:
+            low = downsample(real, int(getattr(run.model, "scale", 1)))
+            fake = _pyramid(run.model(low, texts))
+        else:
+            z = torch.randn(len(real), run.model.z_dim)
+            fake = _pyramid(run.model(z, texts))
     except Exception as exc:
         raise RunError(f"{model_path}: forward failed: {type(exc).__name__}: {exc}") from exc
     try:

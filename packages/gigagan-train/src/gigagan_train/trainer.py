@@ -195,6 +195,25 @@ class TrainerState:
     last_sample_step: int = -1
 
 
+class _Window:
+    """Means of the values logged over the steps between two metrics lines."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.skipped: list[str] = []
+
+    def add(self, result: StepResult) -> None:
+        for key, value in result.values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+        self.skipped += [s for s in result.skipped if s not in self.skipped]
+
+    def mean(self) -> StepResult:
+        values = {k: v / self.counts[k] for k, v in self.sums.items()}
+        return StepResult(values=values, skipped=list(self.skipped))
+
+
 @dataclass
 class StepResult:
     """What one step did: the logged values and which updates the guard skipped."""
@@ -444,6 +463,7 @@ class Trainer:
                 if adam.grad_clip is not None and grads:
                     torch.nn.utils.clip_grads_with_norm_(params, adam.grad_clip, norm)
                 optimizer.step()
+                optimizer.zero_grad(set_to_none=True)  # free the gradients until next time
                 result.values[f"grad_norm/{label}"] = float(norm)
         if bad is not None:
             optimizer.zero_grad(set_to_none=True)
@@ -548,7 +568,6 @@ class Trainer:
             self.state.skipped_steps += 1
         else:
             self.state.consecutive_skips = 0
-        result.values["skipped_steps"] = float(self.state.skipped_steps)
         return result
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -564,6 +583,7 @@ class Trainer:
         start_time = time.monotonic()
         start_step = self.state.step
         window_time, window_steps = time.monotonic(), 0
+        window = _Window()
         bar = self._progress_bar()
         batches = self._batches()
         stopped_early = False
@@ -571,24 +591,26 @@ class Trainer:
             while self.state.step < self.total_steps:
                 batch = next(batches)
                 result = self.train_step(batch)
+                window.add(result)
                 window_steps += 1
+                step = self.state.step
+                if step % spec.log_every == 0 or step == self.total_steps or result.skipped:
+                    now = time.monotonic()
+                    summary = window.mean()
+                    seconds = (now - window_time) / max(window_steps, 1)
+                    summary.values["sec_per_step"] = seconds
+                    summary.values["img_per_s"] = spec.batch_size * self.world_size / seconds
+                    self._log(summary)
+                    window_time, window_steps, window = now, 0, _Window()
+                    if bar is not None:
+                        bar.set_postfix(self._postfix(summary), refresh=False)
                 if self.state.consecutive_skips >= spec.nan_guard.max_consecutive:
                     raise TrainingAbortedError(
                         f"{self.state.consecutive_skips} steps in a row had non-finite values "
-                        f"(last at step {self.state.step - 1}: {', '.join(result.skipped)}); "
-                        "the run stops. Lower the learning rates or check the data; the "
-                        f"checkpoints in {self.folder / 'checkpoints'} are intact"
+                        f"(last at step {step - 1}: {', '.join(result.skipped)}); the run "
+                        "stops. Lower the learning rates or check the data; the checkpoints "
+                        f"in {self.folder / 'checkpoints'} are intact"
                     )
-                step = self.state.step
-                if step % spec.log_every == 0 or step == self.total_steps:
-                    now = time.monotonic()
-                    seconds = (now - window_time) / max(window_steps, 1)
-                    result.values["sec_per_step"] = seconds
-                    result.values["img_per_s"] = spec.batch_size * self.world_size / seconds
-                    self._log(result)
-                    window_time, window_steps = now, 0
-                    if bar is not None:
-                        bar.set_postfix(self._postfix(result), refresh=False)
                 if bar is not None:
                     bar.update(1)
                 if step % spec.sample_every == 0:
@@ -604,14 +626,14 @@ class Trainer:
                     )
                     stopped_early = True
                     break
+            if self.state.last_sample_step != self.state.step:
+                self.write_samples()
+            if self.state.last_checkpoint_step != self.state.step:
+                self.save_checkpoint()
         finally:
             if bar is not None:
                 bar.close()
-        if self.state.last_sample_step != self.state.step:
-            self.write_samples()
-        if self.state.last_checkpoint_step != self.state.step:
-            self.save_checkpoint()
-        self._close_logs()
+            self._close_logs()
         if stopped_early:
             log.info("stopped at step %d of %d", self.state.step, self.total_steps)
         return self.state
@@ -665,6 +687,7 @@ class Trainer:
             **{k: (v if math.isfinite(v) else str(v)) for k, v in result.values.items()},
             "lr/G": self.opt_G.param_groups[0]["lr"],
             "lr/D": self.opt_D.param_groups[0]["lr"],
+            "skipped_steps": self.state.skipped_steps,
         }
         if result.skipped:
             record["skipped"] = result.skipped

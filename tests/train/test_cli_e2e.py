@@ -1,0 +1,317 @@
+"""Every `gigagan` command end to end in a subprocess, on tiny runs, and the one-line errors
+users get for the mistakes they make."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from gigagan_train.cli import main
+
+from .conftest import tiny_run, tiny_upsampler_run
+
+PROMPTS = ["a red circle on a blue background", "an orange square on a white background"]
+
+
+def gigagan(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gigagan_train.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess | str, *needles: str) -> None:
+    err = result if isinstance(result, str) else result.stderr
+    if not isinstance(result, str):
+        assert result.returncode == 2, result.stderr
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny text-to-image run trained by `gigagan train`, then resumed by `--resume`."""
+    folder = tmp_path_factory.mktemp("cli")
+    spec = folder / "tiny.json"
+    spec.write_text(json.dumps(tiny_run(steps=2, checkpoint_every=2)))
+    first = gigagan("train", str(spec), "--out", str(folder / "run"), "--no-progress")
+    assert first.returncode == 0, first.stderr
+    assert "trained 2 steps (to step 2" in first.stdout
+    again = gigagan(
+        "train",
+        str(spec),
+        "--out",
+        str(folder / "run"),
+        "--resume",
+        "--steps",
+        "3",
+        "--no-progress",
+    )
+    assert again.returncode == 0, again.stderr
+    assert "trained 1 steps (to step 3" in again.stdout
+    return folder / "run"
+
+
+@pytest.mark.slow
+def test_train_writes_checkpoints_samples_and_metrics(trained: Path):
+    assert (trained / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    assert (trained / "samples" / "step-000003.png").is_file()
+    steps = [json.loads(x)["step"] for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sample_writes_a_grid_with_its_captions(trained: Path, tmp_path: Path):
+    out = tmp_path / "grid.png"
+    result = gigagan(
+        "sample",
+        str(trained),
+        "--prompt",
+        *PROMPTS,
+        "-n",
+        "3",
+        "--seed",
+        "7",
+        "--truncation",
+        "0.7",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {out} (6 images)"
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["captions"] == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+    assert meta["seed"] == 7 and meta["psi"] == 0.7
+    # the same seed gives the same grid
+    again = tmp_path / "again.png"
+    assert (
+        main(
+            [
+                "sample",
+                str(trained),
+                "--prompt",
+                *PROMPTS,
+                "-n",
+                "3",
+                "--seed",
+                "7",
+                "--truncation",
+                "0.7",
+                "--out",
+                str(again),
+            ]
+        )
+        == 0
+    )
+    assert Image.open(out).tobytes() == Image.open(again).tobytes()
+
+
+def test_sample_interpolations_and_style_mixing(trained: Path, tmp_path: Path, capsys):
+    assert (
+        main(
+            [
+                "sample",
+                str(trained),
+                "--prompt",
+                *PROMPTS,
+                "--interpolate",
+                "prompt",
+                "--frames",
+                "5",
+                "--out",
+                str(tmp_path / "p.png"),
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip().endswith("(5 images)")
+    assert (
+        main(
+            [
+                "sample",
+                str(trained),
+                "--prompt",
+                PROMPTS[0],
+                "--interpolate",
+                "latent",
+                "--frames",
+                "4",
+                "--out",
+                str(tmp_path / "l.png"),
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip().endswith("(4 images)")
+    assert (
+        main(
+            [
+                "sample",
+                str(trained),
+                "--prompt",
+                PROMPTS[0],
+                "--style-mix",
+                "-n",
+                "3",
+                "--out",
+                str(tmp_path / "m.png"),
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip().endswith("(12 images)")
+    assert (
+        main(
+            [
+                "sample",
+                str(trained),
+                "--prompt",
+                PROMPTS[0],
+                "--interpolate",
+                "prompt",
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 2
+    )
+    _one_line_error(capsys.readouterr().err, "needs exactly two --prompt values")
+
+
+def test_sample_user_errors_are_one_line(trained: Path, tmp_path: Path, capsys):
+    assert (
+        main(["sample", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "g.png")])
+        == 2
+    )
+    _one_line_error(capsys.readouterr().err, "nope", "no such checkpoint")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["sample", str(empty), "--prompt", "x", "--out", str(tmp_path / "g.png")]) == 2
+    _one_line_error(capsys.readouterr().err, "holds no complete checkpoint")
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a red circle\n\xff\xfe bad bytes\n")
+    assert (
+        main(
+            [
+                "sample",
+                str(trained),
+                "--prompt-file",
+                str(prompts),
+                "--out",
+                str(tmp_path / "g.png"),
+            ]
+        )
+        == 2
+    )
+    _one_line_error(capsys.readouterr().err, "--prompt-file", "not UTF-8")
+    prompts.write_text("\n  \n")
+    assert (
+        main(
+            [
+                "sample",
+                str(trained),
+                "--prompt-file",
+                str(prompts),
+                "--out",
+                str(tmp_path / "g.png"),
+            ]
+        )
+        == 2
+    )
+    _one_line_error(capsys.readouterr().err, "has no prompts")
+    assert (
+        main(
+            [
+                "sample",
+                str(trained),
+                "--prompt-file",
+                str(tmp_path / "none.txt"),
+                "--out",
+                str(tmp_path / "g.png"),
+            ]
+        )
+        == 2
+    )
+    _one_line_error(capsys.readouterr().err, "none.txt", "no such file")
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["sample", str(trained), "--prompt", "x", "--out", str(blocker / "grid.png")]) == 2
+    _one_line_error(capsys.readouterr().err, "cannot create output folder", str(blocker))
+
+
+@pytest.mark.slow
+def test_upsample_end_to_end_with_tiles(tmp_path: Path):
+    spec = tmp_path / "up.json"
+    spec.write_text(json.dumps(tiny_upsampler_run(steps=1, checkpoint_every=1)))
+    run = tmp_path / "up"
+    result = gigagan("train", str(spec), "--out", str(run), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(tmp_path / "small.png")
+    result = gigagan(
+        "upsample",
+        str(run),
+        str(tmp_path / "small.png"),
+        "--out",
+        str(tmp_path / "big"),
+        "--tile",
+        "16",
+        "--prompt",
+        "a red square",
+    )
+    assert result.returncode == 0, result.stderr
+    big = Image.open(tmp_path / "big" / "small_x4.png")
+    assert big.size == (160, 96)
+    # a text-to-image checkpoint is not an upsampler, and a corrupt image is named
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    _one_line_error(
+        gigagan("upsample", str(run), str(tmp_path / "broken.png"), "--out", str(tmp_path / "big")),
+        "broken.png",
+        "not a readable image",
+    )
+
+
+def test_upsample_refuses_a_generator_checkpoint(trained: Path, tmp_path: Path, capsys):
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    assert (
+        main(["upsample", str(trained), str(tmp_path / "x.png"), "--out", str(tmp_path / "o")]) == 2
+    )
+    _one_line_error(capsys.readouterr().err, "holds a generator ('gigagan'), not a upsampler")
+
+
+def test_resume_without_a_checkpoint_is_one_line(tmp_path: Path, capsys):
+    spec = tmp_path / "tiny.json"
+    spec.write_text(json.dumps(tiny_run()))
+    assert main(["train", str(spec), "--out", str(tmp_path / "fresh"), "--resume"]) == 2
+    _one_line_error(capsys.readouterr().err, "--resume", "holds no complete checkpoint")
+
+
+@pytest.mark.slow
+def test_presets_and_plugins_pipe(tmp_path: Path):
+    result = gigagan("presets")
+    assert result.returncode == 0, result.stderr
+    rows = {tuple(line.split()[:3]) for line in result.stdout.splitlines()}
+    assert ("model", "tiny", "80,000") in rows
+    assert ("upsampler", "tiny", "58,108") in rows
+    assert any(r[:2] == ("run", "demo") for r in rows)
+    piped = subprocess.run(
+        f"{sys.executable} -m gigagan_train.cli plugins | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert piped.stdout.split() == ["ROLE", "KIND", "DISTRIBUTION", "VERSION", "DESCRIPTION"]
+    assert piped.stderr == ""

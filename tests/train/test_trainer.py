@@ -1,0 +1,298 @@
+"""The training loop on tiny models: what it writes, exact resume, the NaN guard, EMA,
+optimiser wiring, upsampler runs and bf16."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from gigagan_core.frozen import trainable_parameters
+from gigagan_train.checkpoint import find_checkpoint, latest_checkpoint, list_checkpoints
+from gigagan_train.errors import CheckpointError, TrainingAbortedError
+from gigagan_train.spec import RunSpec
+from gigagan_train.trainer import Trainer
+
+from .conftest import TINY_CLIP, tiny_upsampler_run
+
+
+def _metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_weight_free_loss_trains_and_writes_checkpoint_metrics_and_grid(make_spec, tmp_path):
+    losses = [
+        {"kind": "adversarial"},
+        {"kind": "matching-aware"},
+        {"kind": "r1", "gamma": 0.2048, "interval": 2},
+        {"kind": "clip-contrastive", "model_config": TINY_CLIP, "weight": 0.1},
+        {
+            "kind": "vision-aided",
+            "backbone": "timm",
+            "timm_model": "test_resnet",
+            "image_size": 32,
+            "out_indices": [-1],
+            "text_dim": 32,
+            "head_channels": 8,
+            "weight": 0.5,
+        },
+    ]
+    trainer = Trainer(make_spec(losses=losses, steps=2), tmp_path / "run")
+    heads = trainer.losses[4]
+    head_params = [p.detach().clone() for p in heads.trainable_parameters()]
+    state = trainer.fit()
+    assert state.step == 2 and state.images_seen == 8 and state.skipped_steps == 0
+
+    folder = tmp_path / "run"
+    ckpt = find_checkpoint(folder)
+    assert ckpt.name == "step-000002"
+    for name in ("G", "G_ema", "D"):
+        assert (ckpt / name / "config.json").is_file()
+        assert (ckpt / name / "model.safetensors").is_file()
+    # the vision-aided heads trained with D and are in the checkpoint; the backbone is not
+    stored = load_file(ckpt / "losses.safetensors")
+    assert stored and all(k.startswith("4.") for k in stored)
+    assert not any("backbone" in k for k in stored)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(head_params, heads.trainable_parameters(), strict=True)
+    )
+
+    rows = _metrics(folder)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in (
+        "D/adv_real",
+        "D/adv_fake",
+        "D/match_real",
+        "D/vision_real",
+        "G/adv_fake",
+        "G/match_fake",
+        "G/clip",
+        "G/vision_fake",
+        "grad_norm/G",
+        "grad_norm/D",
+        "lr/G",
+        "lr/D",
+        "sec_per_step",
+        "img_per_s",
+        "skipped_steps",
+    ):
+        assert any(key in r for r in rows), key
+    assert "Dreg/r1" in rows[0]  # step index 0 runs the lazy R1 step
+    assert "Dreg/r1" not in rows[1]
+
+    grid = folder / "samples" / "step-000002.png"
+    meta = json.loads(grid.with_suffix(".json").read_text())
+    assert meta["step"] == 2 and len(meta["captions"]) == 4
+    assert Image.open(grid).size[0] > 4 * 16  # enlarged, with the captions panel
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(make_spec, tmp_path):
+    spec = make_spec(steps=4, checkpoint_every=2, sample_every=1)
+    Trainer(spec, tmp_path / "straight").fit()
+
+    Trainer(make_spec(steps=2, checkpoint_every=2, sample_every=1), tmp_path / "split").fit()
+    resumed = Trainer(spec, tmp_path / "split", resume=True)
+    assert resumed.state.step == 2
+    resumed.fit()
+
+    a = find_checkpoint(tmp_path / "straight")
+    b = find_checkpoint(tmp_path / "split")
+    assert a.name == b.name == "step-000004"
+    for part in (
+        "G/model.safetensors",
+        "G_ema/model.safetensors",
+        "D/model.safetensors",
+        "optim.safetensors",
+        "rng.safetensors",
+    ):
+        x, y = load_file(a / part), load_file(b / part)
+        assert x.keys() == y.keys()
+        different = [k for k in x if not torch.equal(x[k], y[k])]
+        assert different == [], part
+    assert json.loads((a / "optim.json").read_text()) == json.loads((b / "optim.json").read_text())
+    # the grids after the resume match too
+    for step in (3, 4):
+        name = f"samples/step-{step:06d}.png"
+        assert (
+            Image.open(tmp_path / "straight" / name).tobytes()
+            == Image.open(tmp_path / "split" / name).tobytes()
+        )
+
+
+def test_keep_last_and_latest_pointer(make_spec, tmp_path):
+    Trainer(make_spec(steps=5, checkpoint_every=1, keep_last=2), tmp_path / "r").fit()
+    root = tmp_path / "r" / "checkpoints"
+    assert [c.step for c in list_checkpoints(root)] == [4, 5]
+    assert (root / "latest").read_text().strip() == "step-000005"
+    # a pointer left behind by a crash before its update: the newest complete folder wins
+    (root / "latest").write_text("step-000004\n")
+    assert latest_checkpoint(root).step == 5
+    (root / "latest").unlink()
+    assert latest_checkpoint(root).step == 5
+
+
+def test_nan_loss_is_skipped_logged_and_aborts_after_n_in_a_row(make_spec, tmp_path):
+    spec = make_spec(steps=10, checkpoint_every=1, nan_guard={"max_consecutive": 3})
+    trainer = Trainer(spec, tmp_path / "r")
+    adversarial = trainer.losses[0]
+    original = adversarial.generator_terms
+    params_at = {}
+
+    def poisoned(ctx):
+        terms = original(ctx)
+        if trainer.state.step >= 2:  # from the third step on, G's term is NaN
+            params_at.setdefault(trainer.state.step, [p.clone() for p in trainer.G.parameters()])
+            terms["adv_fake"] = terms["adv_fake"] * float("nan")
+        return terms
+
+    adversarial.generator_terms = poisoned
+    with pytest.raises(TrainingAbortedError, match=r"3 steps in a row had non-finite values"):
+        trainer.fit()
+    rows = _metrics(tmp_path / "r")
+    assert [r.get("skipped") for r in rows] == [
+        None,
+        None,
+        ["G/adv_fake"],
+        ["G/adv_fake"],
+        ["G/adv_fake"],
+    ]
+    assert rows[-1]["skipped_steps"] == 3
+    # a skipped G update changes nothing in G
+    assert all(torch.equal(a, b) for a, b in zip(params_at[2], trainer.G.parameters(), strict=True))
+    # checkpoints were written for the good steps and for the skipped ones (nothing is NaN)
+    assert latest_checkpoint(tmp_path / "r" / "checkpoints").step == 4
+
+
+def test_no_checkpoint_with_a_non_finite_tensor(make_spec, tmp_path):
+    trainer = Trainer(make_spec(steps=2, checkpoint_every=2), tmp_path / "r")
+    trainer.fit()
+    root = tmp_path / "r" / "checkpoints"
+    before = sorted(p.name for p in root.iterdir())
+    with torch.no_grad():
+        trainable_parameters(trainer.D)[0][0] = float("inf")
+    trainer.state.step += 1
+    with pytest.raises(
+        CheckpointError,
+        match=r"refusing to write the step-3 checkpoint: "
+        r"non-finite values in D\.",
+    ):
+        trainer.save_checkpoint()
+    assert sorted(p.name for p in root.iterdir()) == before
+    assert latest_checkpoint(root).step == 2
+
+
+def test_optimisers_get_trainable_parameters_with_attention_decay(make_spec, tmp_path):
+    trainer = Trainer(make_spec(), tmp_path / "r")
+    g_params = {id(p) for g in trainer.opt_G.param_groups for p in g["params"]}
+    assert g_params == {id(p) for p in trainable_parameters(trainer.G)}
+    assert not g_params & {id(p) for p in trainer.G.text_encoder.parameters()}
+    d_params = {id(p) for g in trainer.opt_D.param_groups for p in g["params"]}
+    assert d_params == {id(p) for p in trainable_parameters(trainer.D)}
+    decayed, plain = trainer.opt_G.param_groups
+    assert decayed["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    names = {id(p): n for n, p in trainer.G.named_parameters()}
+    assert decayed["params"] and all(
+        "attn" in names[id(p)] or "attention" in names[id(p)] for p in decayed["params"]
+    )
+    # R1 every 2 steps: D's Adam is corrected as StyleGAN2 does (lr x 2/3, betas ^ 2/3)
+    assert trainer.reg_interval == 2
+    assert trainer.opt_D.param_groups[0]["lr"] == pytest.approx(0.0025 * 2 / 3)
+    assert trainer.opt_D.param_groups[0]["betas"][1] == pytest.approx(0.99 ** (2 / 3))
+
+
+def test_g_phase_leaves_no_gradient_on_d_and_the_frozen_encoder(make_spec, tmp_path):
+    trainer = Trainer(make_spec(), tmp_path / "r")
+    seen = {}
+    g_step = trainer.opt_G.step
+
+    def recording_step(*args, **kwargs):  # the moment G's update is applied
+        seen["d_grads"] = [p.grad for p in trainer.D.parameters() if p.grad is not None]
+        seen["text_grads"] = [p.grad for p in trainer.G.text_encoder.parameters()]
+        seen["g_grads"] = [p.grad for p in trainable_parameters(trainer.G) if p.grad is not None]
+        return g_step(*args, **kwargs)
+
+    trainer.opt_G.step = recording_step
+    trainer.train_step(next(trainer._batches()))
+    assert seen["d_grads"] == []
+    assert all(g is None for g in seen["text_grads"])
+    assert len(seen["g_grads"]) > 10
+    assert all(not p.requires_grad for p in trainer.G.text_encoder.parameters())
+    # after the step every gradient is released
+    assert all(p.grad is None for p in [*trainer.G.parameters(), *trainer.D.parameters()])
+
+
+def test_ema_follows_the_half_life_formula(make_spec, tmp_path):
+    spec = make_spec(ema={"half_life_kimg": 0.01, "rampup": None})  # 10 images
+    trainer = Trainer(spec, tmp_path / "r")
+    before = [p.detach().clone() for p in trainable_parameters(trainer.G_ema)]
+    trainer.train_step(next(trainer._batches()))
+    beta = 0.5 ** (4 / 10)
+    for old, p, p_ema in zip(
+        before, trainable_parameters(trainer.G), trainable_parameters(trainer.G_ema), strict=True
+    ):
+        torch.testing.assert_close(p_ema, p + (old - p) * beta, rtol=1e-5, atol=1e-6)
+    # w_avg (a buffer) is copied, and the EMA copy shares the frozen text tower
+    assert torch.equal(trainer.G_ema.mapping.w_avg, trainer.G.mapping.w_avg)
+    assert trainer.G_ema.text_encoder is trainer.G.text_encoder
+
+
+def test_ema_rampup_starts_as_a_copy(make_spec, tmp_path):
+    trainer = Trainer(make_spec(), tmp_path / "r")  # default rampup 0.05: no images seen yet
+    trainer.train_step(next(trainer._batches()))
+    for p, p_ema in zip(
+        trainable_parameters(trainer.G), trainable_parameters(trainer.G_ema), strict=True
+    ):
+        assert torch.equal(p, p_ema)
+
+
+def test_grad_accumulation_splits_the_batch(make_spec, tmp_path):
+    trainer = Trainer(make_spec(batch_size=4, grad_accumulation=2, steps=1), tmp_path / "r")
+    seen = []
+    original = trainer.losses[0].discriminator_terms
+
+    def recording(ctx):
+        seen.append(ctx.batch_size)
+        return original(ctx)
+
+    trainer.losses[0].discriminator_terms = recording
+    trainer.fit()
+    assert seen == [2, 2]
+
+
+def test_bf16_autocast_steps_stay_finite(make_spec, tmp_path):
+    trainer = Trainer(make_spec(precision="bf16", steps=3, checkpoint_every=3), tmp_path / "r")
+    trainer.fit()
+    rows = _metrics(tmp_path / "r")
+    assert all("skipped" not in r for r in rows)
+    assert all(math.isfinite(r["D/total"]) and math.isfinite(r["G/total"]) for r in rows)
+    assert all(p.dtype == torch.float32 for p in trainer.G.parameters())
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_samples(make_spec, tmp_path):
+    trainer = Trainer(make_spec(steps=1000, max_minutes=1e-6), tmp_path / "r")
+    state = trainer.fit()
+    assert state.step == 1
+    assert find_checkpoint(tmp_path / "r").name == "step-000001"
+    assert (tmp_path / "r" / "samples" / "step-000001.png").is_file()
+
+
+def test_tiny_upsampler_run_trains_on_low_high_pairs(tmp_path, caplog):
+    spec = RunSpec.model_validate(tiny_upsampler_run())
+    assert spec.trains_upsampler and spec.generator is None
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(spec, tmp_path / "up")
+    assert "lpips" in caplog.text and "without trained LPIPS weights" in caplog.text
+    trainer.fit()
+    rows = _metrics(tmp_path / "up")
+    assert "G/lpips" in rows[0] and rows[0]["G/lpips"] > 0
+    assert "Dreg/r1" in rows[0]
+    ckpt = find_checkpoint(tmp_path / "up")
+    config = json.loads((ckpt / "G_ema" / "config.json").read_text())
+    assert config["kind"] == "gigagan-upsampler"
+    grid = Image.open(tmp_path / "up" / "samples" / "step-000002.png")
+    assert grid.size[0] > 3 * 64  # rows of input / output / target
