@@ -200,3 +200,88 @@ def _ctx_kwargs(ctx) -> dict:
         "discriminator": ctx.discriminator,
         "fake_pyramid": ctx.fake_pyramid,
     }
+
+
+def test_patch_discriminator_plugin_is_text_conditional_and_trains_with_every_d_loss(
+    example_on_path,
+):
+    """The plugin discriminator, built from a spec with the tiny generator's text encoder,
+    keeps the output contract, and the adversarial, matching-aware and R1 losses run forward
+    and backward on it in both phases."""
+    import torch
+
+    from gigagan_core.nets import (
+        DiscriminatorProtocol,
+        Generator,
+        check_discriminator_output,
+    )
+    from gigagan_core.presets import load_preset
+    from gigagan_losses.adversarial import (
+        AdversarialLoss,
+        AdversarialLossSpec,
+        MatchingAwareLoss,
+        MatchingAwareLossSpec,
+        R1Penalty,
+        R1PenaltySpec,
+    )
+    from gigagan_losses.base import LossContext
+
+    registry = load_registry()
+    reg = registry.get("discriminator", "example-patch")
+    assert reg.distribution == "gigagan-example-plugin"
+    torch.manual_seed(0)
+    g = Generator.from_spec(load_preset("tiny").generator)
+    with use_registry(registry):
+        spec = reg.spec.model_validate({"resolution": 16, "channels": 8, "layers": 2})
+        d = spec.build(text_encoder=g.text_encoder)
+        plain = spec.build()
+    assert d.conditional and not plain.conditional
+    assert isinstance(d, DiscriminatorProtocol) and d.levels == 1
+    assert d.text_encoder is g.text_encoder
+
+    captions = ["a red circle", "a blue square", "a green star"]
+    t = d.encode_text(captions, batch_size=3)
+    assert t.shape == (3, spec.text_dim)
+    out = d(g(torch.randn(3, g.z_dim), captions).pyramid, text_embedding=t)
+    check_discriminator_output(out, "discriminator (example-patch)", batch_size=3)
+    assert out.pairs() == [(0, 1)] and out[(0, 1)].shape == (3, 4, 4)
+    # The caption changes the logits: the projection term is live.
+    other = d(out_images := torch.rand(3, 3, 16, 16) * 2 - 1, text_embedding=t)[(0, 1)]
+    rolled = d(out_images, text_embedding=torch.roll(t, 1, 0))[(0, 1)]
+    assert not torch.allclose(other, rolled)
+
+    losses = [
+        AdversarialLoss(AdversarialLossSpec()),
+        MatchingAwareLoss(MatchingAwareLossSpec()),
+        R1Penalty(R1PenaltySpec(interval=1)),
+    ]
+    real = torch.rand(3, 3, 16, 16) * 2 - 1
+    for phase in ("D", "G"):
+        g.zero_grad(set_to_none=True)
+        d.zero_grad(set_to_none=True)
+        fake = g(torch.randn(3, g.z_dim), captions).pyramid
+        ctx = LossContext(
+            phase=phase,
+            step=0,
+            real=real,
+            texts=captions,
+            generator=g,
+            discriminator=d,
+            fake_pyramid=fake,
+        )
+        seen = set()
+        totals = []
+        for loss in losses:
+            terms = loss(ctx)
+            seen |= set(terms)
+            total = loss.weighted_total(ctx)
+            if total is not None:
+                assert torch.isfinite(total)
+                totals.append(total)
+        torch.stack(totals).sum().backward()
+        if phase == "D":
+            assert "r1" in seen and len(seen) >= 3  # adversarial, matching-aware, R1
+            assert d.to_logit.weight.grad.abs().sum() > 0
+            assert d.to_text[1].weight.grad.abs().sum() > 0  # the text branch learns
+        else:
+            assert g.synthesis.to_rgb[-1].weight.grad.abs().sum() > 0
