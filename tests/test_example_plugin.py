@@ -70,16 +70,24 @@ def test_example_appears_in_registry_with_its_distribution(example_on_path):
 def test_example_is_used_from_a_spec(example_on_path):
     with use_registry(load_registry()):
         spec = RunSpec.model_validate(
-            {"dataset": {"kind": "example-checkerboard", "resolution": 8, "squares": 2, "size": 5}}
+            {
+                "model_preset": "tiny",  # 16 px: the dataset must match the generator
+                "dataset": {
+                    "kind": "example-checkerboard",
+                    "resolution": 16,
+                    "squares": 2,
+                    "size": 5,
+                },
+            }
         )
         dataset = spec.dataset.build()
     sample = dataset[1]
     assert len(dataset) == 5
-    assert sample["image"].shape == (3, 8, 8)
-    # Two squares per side on 8 px: 4x4 blocks alternate between the two named colours.
+    assert sample["image"].shape == (3, 16, 16)
+    # Two squares per side on 16 px: 8x8 blocks alternate between the two named colours.
     image = sample["image"]
-    assert (image[:, :4, :4] == image[:, 4:, 4:]).all()
-    assert not (image[:, :4, :4] == image[:, :4, 4:]).all()
+    assert (image[:, :8, :8] == image[:, 8:, 8:]).all()
+    assert not (image[:, :8, :8] == image[:, :8, 8:]).all()
     assert sample["caption"].endswith("checkerboard")
 
 
@@ -95,7 +103,7 @@ def test_cli_trains_from_a_spec_naming_the_plugin_and_autoload_switch_removes_it
 ):
     spec = tmp_path / "run.toml"
     spec.write_text(
-        'name = "boards"\nbatch_size = 4\n'
+        'name = "boards"\nbatch_size = 4\nmodel_preset = "tiny"\n'
         '[dataset]\nkind = "example-checkerboard"\nresolution = 16\n'
     )
     listed = _cli(["plugins", "--json", "--role", "dataset"], installed_example)
@@ -158,6 +166,7 @@ def test_spec_names_losses_from_this_repo_and_the_plugin(example_on_path):
         spec = RunSpec.model_validate(
             {
                 "model_preset": "tiny",
+                "dataset": {"kind": "synthetic-shapes", "resolution": 16},
                 "losses": [
                     {"kind": "adversarial"},
                     {"kind": "example-feature-matching", "weight": 0.5, "channels": 8},
