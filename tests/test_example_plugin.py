@@ -294,3 +294,40 @@ def test_patch_discriminator_plugin_is_text_conditional_and_trains_with_every_d_
             assert d.to_text[1].weight.grad.abs().sum() > 0  # the text branch learns
         else:
             assert g.synthesis.to_rgb[-1].weight.grad.abs().sum() > 0
+
+
+def test_a_run_spec_names_the_plugin_discriminator_and_trains_on_it(example_on_path, tmp_path):
+    """`[discriminator] kind = "example-patch"` in a text-conditional run: the run hands the
+    generator's text encoder to it (the plugin takes `text_encoder=None`), and two training
+    steps with the adversarial, matching-aware and R1 losses run on it."""
+    from gigagan_train.trainer import Trainer
+
+    registry = load_registry()
+    with use_registry(registry):
+        spec = RunSpec.model_validate(
+            {
+                "name": "patch",
+                "model_preset": "tiny",
+                "batch_size": 4,
+                "steps": 2,
+                "tensorboard": False,
+                "sampling": {"num": 2},
+                "dataset": {"kind": "synthetic-shapes", "resolution": 16, "size": 8},
+                "discriminator": {"kind": "example-patch", "resolution": 16, "channels": 8},
+                "losses": [
+                    {"kind": "adversarial"},
+                    {"kind": "matching-aware"},
+                    {"kind": "r1", "interval": 2},
+                ],
+            }
+        )
+        trainer = Trainer(spec, tmp_path / "run")
+        assert trainer.D.text_encoder is trainer.G.text_encoder and trainer.D.conditional
+        trainer.fit()
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert {"D/adv_real", "D/match_real", "Dreg/r1", "G/adv_fake", "G/match_fake"} <= set(
+        rows[0]
+    ) | set(rows[-1])
+    assert all("skipped" not in r for r in rows)
