@@ -322,6 +322,48 @@ def test_timm_weight_file(tmp_path: Path) -> None:
         LPIPS("timm", timm_model="test_resnet", backbone_weights=broken, require_weights=False)
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs", "out_indices"),
+    [
+        ("test_resnet", {}, (1, 2)),
+        ("test_convnext", {}, None),  # FeatureListNet names: stem_0.*, stages_0.*
+        ("test_vit", {"img_size": SIZE}, None),  # FeatureGetterNet names: model.*
+        ("test_efficientnet", {}, (0, 2)),  # ImageNet statistics
+    ],
+)
+def test_timm_state_dict_of_the_features_only_layout(
+    name: str, kwargs: dict[str, int], out_indices: tuple[int, ...] | None
+) -> None:
+    """A state dict from when the timm trunk was timm's features_only model loads, and the
+    distance is the one that model gave, at the same maps (None: timm's default set)."""
+    torch.manual_seed(90)
+    selected = {} if out_indices is None else {"out_indices": out_indices}
+    old = timm.create_model(name, features_only=True, **kwargs, **selected).eval()
+    model = LPIPS(
+        "timm", timm_model=name, timm_kwargs=kwargs, out_indices=out_indices, require_weights=False
+    )
+    assert model.channels == tuple(old.feature_info.channels())
+    mean, std = old.pretrained_cfg["mean"], old.pretrained_cfg["std"]
+    assert model.shift.flatten().tolist() == torch.tensor([2 * m - 1 for m in mean]).tolist()
+    assert model.scale.flatten().tolist() == torch.tensor([2 * s for s in std]).tolist()
+    lins = [torch.rand(1, c, 1, 1) for c in model.channels]
+    state = {f"backbone.model.{k}": v for k, v in old.state_dict().items()}
+    state |= {f"lins.{k}.weight": w for k, w in enumerate(lins)}
+    model.load_state_dict(state)
+
+    def old_distance(x: Tensor, y: Tensor) -> Tensor:
+        fx, fy = (old((z - model.shift) / model.scale) for z in (x, y))
+        total = torch.zeros(x.shape[0])
+        for mx, my, w in zip(fx, fy, lins, strict=True):
+            diff = (unit_normalize(mx) - unit_normalize(my)).square()
+            total = total + F.conv2d(diff, w).mean(dim=(1, 2, 3))
+        return total
+
+    x, y = images(2, seed=91), images(2, seed=92)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, y), old_distance(x, y), rtol=0, atol=0)
+
+
 # ---- the loss -----------------------------------------------------------------------------
 
 
@@ -389,6 +431,8 @@ def test_spec() -> None:
         LPIPSLossSpec(lpips_version="0.1")
     timm_spec = LPIPSLossSpec(backbone="timm", timm_model="test_resnet", out_indices=(0, 1))
     assert timm_spec.out_indices == (0, 1)
+    with pytest.raises(ValidationError, match="may not set features_only"):
+        LPIPSLossSpec(backbone="timm", timm_model="test_resnet", timm_kwargs={"features_only": 1})
 
 
 def test_alexnet_smallest_size(alex: LPIPS) -> None:

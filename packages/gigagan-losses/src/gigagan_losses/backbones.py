@@ -14,6 +14,9 @@ CVPR 2022). This module holds what those losses share:
     so the generator's gradient passes through.
 :class:`FrozenImageBackbone` (:class:`OpenCLIPImageBackbone`, :class:`TimmImageBackbone`)
     A frozen image model that returns feature maps ``b c_k h_k w_k`` of chosen layers.
+    :class:`TimmImageBackbone` is the package's one timm trunk: the vision-aided loss runs it
+    with its own preprocessing, LPIPS (``lpips.py``) through
+    :meth:`~FrozenImageBackbone.maps` on images it normalises itself.
 
 "Frozen" means: no parameter requires grad (so none ever gets a ``.grad`` or changes in an
 optimiser step), the module stays in eval mode whatever ``train()`` is called with, and
@@ -66,6 +69,7 @@ __all__ = [
     "TimmImageBackbone",
     "build_open_clip",
     "check_timm_kwargs",
+    "create_timm_model",
     "default_feature_indices",
     "resize_images",
     "resolve_feature_indices",
@@ -349,7 +353,8 @@ class FrozenImageBackbone(nn.Module):
 
     ``backbone(images)`` takes ``b c h w`` images in [-1, 1] at any size, resizes and
     normalises them (:attr:`preprocess`), and returns one map ``b c_k h_k w_k`` per entry of
-    :attr:`indices` (ascending). Gradients flow to ``images``; the parameters are frozen.
+    :attr:`indices` (ascending); :meth:`maps` does the same for input already normalised as
+    the model expects, at any size. Gradients flow to ``images``; the parameters are frozen.
     Subclasses set :attr:`model` and implement :meth:`_intermediates`, then call
     :meth:`_finish`.
     """
@@ -387,9 +392,12 @@ class FrozenImageBackbone(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def forward(self, images: Tensor) -> list[Tensor]:
-        x = self.preprocess(images.to(self.dtype))
+    def maps(self, x: Tensor) -> list[Tensor]:
+        """The maps of :attr:`indices` for ``x``, already in the model's input range."""
         return self._intermediates(x, list(self.indices))
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return self.maps(self.preprocess(images.to(self.dtype)))
 
 
 class OpenCLIPImageBackbone(FrozenImageBackbone):
@@ -439,9 +447,13 @@ class TimmImageBackbone(FrozenImageBackbone):
     """A timm model, frozen, as a feature extractor through its ``forward_intermediates``.
 
     Built with ``pretrained=False`` always (timm would otherwise download); weights come
-    from a local file. Input size, mean, std and interpolation default to the model's
-    (``timm.data.resolve_data_config``; a ViT's input size is its patch embedding's
-    ``img_size``, which ``timm_kwargs`` may change). The model is ``self.model``.
+    from a local file holding the full model's state dict. Levels are those of
+    ``forward_intermediates``, which timm aligns with the model's ``feature_info``: level
+    ``k`` is entry ``k`` of timm's ``features_only`` ``out_indices`` (``stem, layer1..4`` of
+    a ResNet, a ViT's blocks). Input size, mean, std and interpolation default to the
+    model's (:attr:`data_config`, from ``timm.data.resolve_data_config``; a ViT's input size
+    is its patch embedding's ``img_size``, which ``timm_kwargs`` may change). The model is
+    ``self.model``.
     """
 
     def __init__(
@@ -459,21 +471,7 @@ class TimmImageBackbone(FrozenImageBackbone):
         super().__init__()
         import timm
 
-        kwargs = dict(model_kwargs or {})
-        check_timm_kwargs(kwargs)
-        if ":" in model_name:
-            raise ValueError(
-                f"timm model '{model_name}' names a hub config, which would be downloaded; "
-                "name an architecture (e.g. 'vit_base_patch32_clip_224') and pass timm_kwargs"
-            )
-        try:
-            model = timm.create_model(model_name, pretrained=False, **kwargs)
-        except RuntimeError as err:
-            if "Unknown model" not in str(err):
-                raise
-            close = difflib.get_close_matches(model_name, timm.list_models(), n=5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"unknown timm model '{model_name}'{hint}") from err
+        model = create_timm_model(model_name, model_kwargs)
         if not callable(getattr(model, "forward_intermediates", None)):
             raise ValueError(
                 f"timm model '{model_name}' has no forward_intermediates; pick one that does "
@@ -487,6 +485,7 @@ class TimmImageBackbone(FrozenImageBackbone):
         self.model = model
 
         data_config = timm.data.resolve_data_config({}, model=model)
+        self.data_config: dict[str, Any] = data_config
         if image_size is not None:
             size: tuple[int, int] = (image_size, image_size)
         else:
@@ -513,14 +512,41 @@ class TimmImageBackbone(FrozenImageBackbone):
         )
 
 
+def create_timm_model(
+    model_name: str, model_kwargs: Mapping[str, Any] | None = None, **options: Any
+) -> nn.Module:
+    """``timm.create_model(model_name, pretrained=False, **model_kwargs, **options)``.
+
+    ``model_kwargs`` are the user's (checked by :func:`check_timm_kwargs`), ``options`` the
+    caller's own (e.g. ``features_only``). Raises ``ValueError`` for a hub name (which would
+    download) and for an unknown model, with the closest known names.
+    """
+    import timm
+
+    kwargs = dict(model_kwargs or {})
+    check_timm_kwargs(kwargs)
+    if ":" in model_name:
+        raise ValueError(
+            f"timm model '{model_name}' names a hub config, which would be downloaded; "
+            "name an architecture (e.g. 'vit_base_patch32_clip_224') and pass timm_kwargs"
+        )
+    try:
+        return timm.create_model(model_name, pretrained=False, **kwargs, **options)
+    except RuntimeError as err:
+        if "Unknown model" not in str(err):
+            raise
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown timm model '{model_name}'{hint}") from err
+
+
 def check_timm_kwargs(kwargs: Mapping[str, Any]) -> None:
     """Refuse ``timm.create_model`` keywords that download or that the backbone sets itself."""
     reserved = sorted(set(kwargs) & _TIMM_RESERVED_KWARGS)
     if reserved:
         raise ValueError(
-            f"timm_kwargs may not set {', '.join(reserved)}: weights come only from the local "
-            "timm_weights file (nothing is downloaded) and features are read through "
-            "out_indices"
+            f"timm_kwargs may not set {', '.join(reserved)}: weights come only from a local "
+            "weights file (nothing is downloaded) and features are read through out_indices"
         )
 
 

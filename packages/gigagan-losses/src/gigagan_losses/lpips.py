@@ -27,9 +27,11 @@ version 0.1):
 - unit normalisation is ``y / (sqrt(sum_c y^2) + 1e-10)``;
 - the distance is the spatial mean of each weighted map, summed over maps.
 
-Any timm model can serve as the backbone too (``features_only=True`` with ``out_indices``);
-there is no published linear calibration for those, so they are for experiments, with
-linear weights trained elsewhere or the uncalibrated all-ones weights.
+Any timm model with ``forward_intermediates`` can serve as the backbone too, through the
+package's one timm trunk (:class:`~gigagan_losses.backbones.TimmImageBackbone`, which the
+vision-aided loss uses as well), at the maps that timm's ``features_only`` ``out_indices``
+name; there is no published linear calibration for those, so they are for experiments,
+with linear weights trained elsewhere or the uncalibrated all-ones weights.
 
 Weights are read from local files only; nothing is downloaded. See :class:`LPIPS` for the
 file formats.
@@ -41,6 +43,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
@@ -51,6 +54,12 @@ from torch import Tensor, nn
 
 from gigagan_core.frozen import freeze
 from gigagan_core.pretrained import PretrainedError, building_from_checkpoint, check_state_dict
+from gigagan_losses.backbones import (
+    BackboneWeightsError,
+    TimmImageBackbone,
+    check_timm_kwargs,
+    create_timm_model,
+)
 from gigagan_losses.base import Loss, LossContext, LossSpec
 
 __all__ = [
@@ -95,7 +104,7 @@ _LINEAR_KEYS = (
 )
 
 
-class LPIPSWeightsError(PretrainedError):
+class LPIPSWeightsError(BackboneWeightsError):
     """An LPIPS weights file is absent, unreadable, or does not fit the network it is for."""
 
 
@@ -234,7 +243,8 @@ class _TorchvisionTrunk(nn.Module):
             "loaded LPIPS backbone from %s (ignored %d classifier tensors)", path, len(ignored)
         )
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def maps(self, x: Tensor) -> list[Tensor]:
+        """The ``K`` maps ``b C_k h_k w_k`` of ``x``, already in the network's input range."""
         maps: list[Tensor] = []
         # The ReLUs are torchvision's in-place ones; that is safe because each kept map is
         # a ReLU output and the layer after it (a pool or a conv) never writes its input.
@@ -245,82 +255,64 @@ class _TorchvisionTrunk(nn.Module):
         return maps
 
 
-class _TimmTrunk(nn.Module):
-    """A timm model built with ``features_only=True``; returns ``b C_k h_k w_k`` maps."""
+def _timm_trunk(
+    name: str, kwargs: Mapping[str, Any], out_indices: Sequence[int] | None, weights: str | None
+) -> TimmImageBackbone:
+    """The shared timm trunk at LPIPS's maps, cut after the last one.
 
-    def __init__(
-        self,
-        name: str,
-        kwargs: Mapping[str, Any],
-        out_indices: Sequence[int] | None,
-        weights: str | None,
-    ) -> None:
-        super().__init__()
-        import timm
-
-        options = dict(kwargs)
-        if out_indices is not None:
-            options["out_indices"] = tuple(out_indices)
-        if weights is None:
-            self.model = timm.create_model(name, pretrained=False, features_only=True, **options)
-        else:
-            self._check_file(timm, name, kwargs, weights)
-            # timm loads the file into the full model before wrapping it for features, as it
-            # does for its own pretrained weights; every remote source is blanked so that
-            # the local file is the only one it can use.
-            overlay = {
-                "file": weights,
-                "source": None,
-                "url": None,
-                "hf_hub_id": None,
-                "state_dict": None,
-                "custom_load": False,
-            }
-            self.model = timm.create_model(
-                name,
-                pretrained=True,
-                pretrained_cfg_overlay=overlay,
-                features_only=True,
-                **options,
-            )
-            logger.info("loaded LPIPS timm backbone '%s' from %s", name, weights)
-        self.channels: tuple[int, ...] = tuple(self.model.feature_info.channels())
-        fmt = getattr(self.model, "output_fmt", "NCHW")
-        self.channels_last: bool = str(getattr(fmt, "value", fmt)) == "NHWC"
-        cfg = getattr(self.model, "pretrained_cfg", None) or {}
-        self.mean: tuple[float, ...] = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std: tuple[float, ...] = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-
-    @staticmethod
-    def _check_file(timm: Any, name: str, kwargs: Mapping[str, Any], path: str) -> None:
-        """Every tensor of the full model, present with its shape, before timm loads it.
-
-        timm itself loads feature extractors non-strictly (it drops the classifier), so a
-        file missing some backbone tensors would otherwise leave them random in silence.
-        """
-        _require_file(path, "backbone weights")
+    LPIPS's ``out_indices`` are timm's ``features_only`` ones, which ``forward_intermediates``
+    levels follow; ``None`` is translated here into timm's own ``features_only`` default for
+    the model (read from a build on the meta device), so it still means "the model's
+    default set" (all five levels of a ResNet, the last three blocks of a ViT). The layers
+    past the last map and the head are pruned, as ``features_only`` dropped them, so the
+    trunk holds the tensors LPIPS held before, under the model's own names
+    (:func:`_read_features_only_layout` reads state dicts saved under the old ones).
+    """
+    if out_indices is None:
         try:
-            state = timm.models.load_state_dict(path, weights_only=True)
-        except Exception as exc:  # any reader failure means the same thing to the user
-            raise LPIPSWeightsError(
-                f"{path}: not a readable backbone weights file ({exc})"
-            ) from exc
-        try:
-            # Shapes only: no memory for the reference model's weights.
             with torch.device("meta"):
-                reference = timm.create_model(name, pretrained=False, **kwargs)
-        except Exception:
+                features = create_timm_model(name, kwargs, features_only=True)
+        except (RuntimeError, NotImplementedError):
             # Some models compute Python numbers from tensors while being built, which the
             # meta device cannot do.
-            logger.debug("building '%s' on the meta device failed; using the CPU", name)
-            reference = timm.create_model(name, pretrained=False, **kwargs)
-        _check(reference.state_dict(), state, f"LPIPS backbone weights {path}")
+            features = create_timm_model(name, kwargs, features_only=True)
+        out_indices = features.feature_info.out_indices
+    try:
+        trunk = TimmImageBackbone(name, kwargs, weights, out_indices=out_indices)
+    except BackboneWeightsError as exc:
+        raise LPIPSWeightsError(str(exc)) from exc
+    full = set(trunk.model.state_dict())
+    trunk.model.prune_intermediate_layers(list(trunk.indices), prune_norm=True, prune_head=True)
+    unused = frozenset(_layout_free(key) for key in full - set(trunk.model.state_dict()))
+    trunk.register_load_state_dict_pre_hook(partial(_read_features_only_layout, unused=unused))
+    return trunk
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        maps = list(self.model(x))
-        if self.channels_last:
-            maps = [m.permute(0, 3, 1, 2) for m in maps]  # b h w c -> b c h w
-        return maps
+
+def _layout_free(name: str) -> str:
+    """A tensor name with what timm's feature wrappers change in it taken out."""
+    return name.removeprefix("model.").replace("_", ".")
+
+
+def _read_features_only_layout(
+    trunk: nn.Module, state: dict[str, Tensor], prefix: str, *_: Any, unused: frozenset[str]
+) -> None:
+    """Load pre-hook of the timm trunk: state dicts from before it was shared still load.
+
+    The LPIPS timm backbone used to be timm's ``features_only`` model, whose wrappers name
+    the model's tensors their own way (``FeatureListNet`` flattens sequential children:
+    ``stages_0.*`` for ``stages.0.*``; ``FeatureGetterNet`` adds ``model.``) and some of
+    which keep layers past the last map (``EfficientNetFeatures``). Such names are renamed
+    to the model's own, and tensors of the pruned layers (``unused``, names as
+    :func:`_layout_free` gives them) dropped: they were never run.
+    """
+    base = f"{prefix}model."
+    own = {_layout_free(key): key for key in trunk.model.state_dict()}
+    for key in [k for k in state if k.startswith(base)]:
+        name = _layout_free(key[len(base) :])
+        if name in own and base + own[name] not in state:
+            state[base + own[name]] = state.pop(key)
+        elif name in unused:
+            del state[key]
 
 
 def _check_backbone_options(
@@ -336,6 +328,7 @@ def _check_backbone_options(
             raise ValueError("backbone 'timm' needs timm_model (a timm model name)")
         if out_indices is not None and len(out_indices) == 0:
             raise ValueError("out_indices must name at least one feature map")
+        check_timm_kwargs(timm_kwargs or {})
     else:
         given = [
             name
@@ -369,13 +362,15 @@ class LPIPS(nn.Module):
             or ``"timm"``.
         timm_model: the timm model name (backbone ``"timm"`` only).
         timm_kwargs: extra ``timm.create_model`` keywords (backbone ``"timm"`` only).
-        out_indices: the timm feature maps to compare (timm's ``out_indices``; ``None``:
-            the model's default set). Backbone ``"timm"`` only.
+        out_indices: the timm feature maps to compare, as timm's ``features_only``
+            ``out_indices`` (entries of the model's ``feature_info``, negative from the end;
+            ``None``: timm's default set for the model). Backbone ``"timm"`` only.
         backbone_weights: local state dict of the backbone. For ``"vgg16"`` / ``"alex"``,
             torchvision's format: the whole model's state dict (``features.*`` kept,
             ``classifier.*`` ignored) or its ``features`` alone (``0.weight``, ...). For
             ``"timm"``, a state dict of the full timm model built with ``timm_kwargs``,
-            in any file timm's ``load_state_dict`` reads.
+            in any file timm's ``load_state_dict`` reads. The timm trunk keeps only the
+            layers up to the last map compared (no head).
         linear_weights: local file of the per-map linear weights, ``K`` tensors of shape
             ``(1, C_k, 1, 1)``, under the reference names ``lin{k}.model.1.weight``
             (``lin{k}.model.0.weight`` also accepted) or this module's ``lins.{k}.weight``.
@@ -391,7 +386,10 @@ class LPIPS(nn.Module):
 
     While :func:`~gigagan_core.pretrained.building_from_checkpoint` is true, no file is read
     and none is required: the checkpoint being loaded holds these weights (the state dict
-    has ``backbone.*`` and ``lins.*``).
+    has ``backbone.*`` and ``lins.*``). A timm backbone's tensors are
+    ``backbone.model.*`` under the timm model's own names; state dicts that name them as
+    timm's ``features_only`` wrappers did (this module's layout before it shared the
+    vision-aided loss's timm trunk) are read too.
 
     Attributes: ``channels`` (``C_k`` of each map), ``backbone_name``.
     """
@@ -438,15 +436,14 @@ class LPIPS(nn.Module):
             if linear_file is not None:
                 _require_file(linear_file, "linear weights")
 
-        trunk: _TimmTrunk | _TorchvisionTrunk
+        trunk: TimmImageBackbone | _TorchvisionTrunk
         if backbone == "timm":
             assert timm_model is not None
-            timm_trunk = _TimmTrunk(timm_model, timm_kwargs or {}, out_indices, backbone_file)
+            trunk = _timm_trunk(timm_model, timm_kwargs or {}, out_indices, backbone_file)
             # The model's own input statistics, mapped to [-1, 1]; for ImageNet statistics
             # these are the reference constants.
-            shift = tuple(2.0 * m - 1.0 for m in timm_trunk.mean)
-            scale = tuple(2.0 * s for s in timm_trunk.std)
-            trunk = timm_trunk
+            shift = tuple(2.0 * m - 1.0 for m in trunk.data_config["mean"])
+            scale = tuple(2.0 * s for s in trunk.data_config["std"])
         else:
             trunk = _TorchvisionTrunk(backbone)  # type: ignore[arg-type]
             if backbone_file is not None:
@@ -515,7 +512,7 @@ class LPIPS(nn.Module):
         scaled = scaled.to(next(self.backbone.parameters()).dtype)  # the backbone's precision
         # Normalised in float32: in half precision the 1e-10 would round to zero and an
         # all-zero feature vector would divide 0 by 0.
-        return [unit_normalize(m.float()) for m in self.backbone(scaled)]
+        return [unit_normalize(m.float()) for m in self.backbone.maps(scaled)]
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """LPIPS distances ``b`` between ``x`` and ``y``, both ``b 3 h w`` in [-1, 1]."""
@@ -566,7 +563,7 @@ class LPIPSLossSpec(LossSpec):
     backbone: Backbone = Field(
         "vgg16",
         description="Feature network: 'vgg16' or 'alex' (torchvision, at the reference LPIPS "
-        "layers) or 'timm' (timm_model with features_only).",
+        "layers) or 'timm' (timm_model, read through its forward_intermediates).",
     )
     timm_model: str | None = Field(
         None, description="timm model name; required with backbone 'timm', else unset."
@@ -577,8 +574,9 @@ class LPIPSLossSpec(LossSpec):
     )
     out_indices: tuple[int, ...] | None = Field(
         None,
-        description="timm feature maps to compare (timm's out_indices); None: the model's "
-        "default set. Backbone 'timm' only.",
+        description="timm feature maps to compare, as timm's features_only out_indices "
+        "(entries of the model's feature_info, negative from the end); None: timm's default "
+        "set for the model. Backbone 'timm' only.",
     )
     backbone_weights: str | None = Field(
         None,
