@@ -253,12 +253,11 @@ def lazy_regularization_adam(
     return lr * c, (beta1**c, beta2**c)
 
 
-def _double_backward_attention(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    # CUDA's flash and memory-efficient attention kernels have no double-backward rule, and the
-    # choice is recorded in the forward graph, so the R1 pass must pick the composite ("math")
-    # kernel when it runs. The CPU kernels the discriminator uses handle it already.
-    if device.type != "cuda":
-        return contextlib.nullcontext()
+def _double_backward_attention() -> contextlib.AbstractContextManager[Any]:
+    # The fused attention kernels (CPU flash, CUDA flash and memory-efficient) have no
+    # double-backward rule, and the choice is recorded in the forward graph, so the R1 pass
+    # must pick the composite ("math") kernel when it runs. The discriminator's training
+    # passes keep the fused kernels; only this lazy pass pays for the n x n matrices.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
@@ -331,7 +330,7 @@ class R1Penalty(Loss):
         # off (evaluating the losses for logging); there it is returned detached.
         training = torch.is_grad_enabled()
         x = ctx.real.detach().requires_grad_(True)
-        with torch.enable_grad(), _double_backward_attention(x.device):
+        with torch.enable_grad(), _double_backward_attention():
             pyramid = build_pyramid(x, len(ctx.fake_pyramid))
             output = ctx.discriminate(pyramid, ctx.text_embedding)
             score = torch.stack([v.sum() for v in output.mean_logits().values()]).sum()

@@ -24,10 +24,23 @@ returns ``x + residual_gain * attn(x)``.
 Fast path and reference path
 ----------------------------
 Inside a softmax over keys ``j``, ``-||q_i - k_j||^2 = 2 q_i.k_j - ||k_j||^2 - ||q_i||^2`` and
-the last term is constant in ``j``, so it cancels. ``fused=True`` therefore calls
-:func:`torch.nn.functional.scaled_dot_product_attention` with scale ``2/sqrt(d_head)`` and an
-additive ``b h 1 m`` bias ``-||k_j||^2/sqrt(d_head)`` (key padding folded into the same bias).
-This is exact and never materialises the ``n x m`` distance matrix outside the kernel.
+the last term is constant in ``j``, so it cancels. ``fused=True`` runs
+:func:`torch.nn.functional.scaled_dot_product_attention` on that identity in one of two exact
+forms, neither of which builds the ``n x m`` distance matrix outside the kernel:
+
+- *bias form* (nothing needs a gradient: inference, evaluation): scale ``2/sqrt(e)`` and an
+  additive ``b h 1 m`` bias ``-||k_j||^2/sqrt(e)``. Cheapest forward, but the fused kernels
+  return no gradient for an attention bias, so a backward through it would fall back to the
+  unfused math kernel and its ``n x m`` matrices.
+- *augmented form* (training): one extra channel per head, ``q' = [q, -1/2]``,
+  ``k' = [k, ||k||^2]``, scale ``2/sqrt(e)``, so ``q'.k'`` is ``q.k - ||k||^2/2`` and the
+  logits are the L2 ones with no bias at all; the values are zero-padded to the same width
+  (the fused CPU kernel needs equal widths; CUDA widths are rounded up to a multiple of 8).
+  Forward and backward both stay in the fused kernel.
+
+Key padding is a constant (gradient-free) mask in either form. The fused kernels have no
+double-backward rule: a gradient penalty (R1) differentiates through them under
+``sdpa_kernel(SDPBackend.MATH)``, as :class:`gigagan_losses.R1Penalty` does.
 ``fused=False`` is the plain reference: it builds the ``b h n m`` squared-distance matrix and
 applies a masked softmax. Both paths share parameters; tests hold them equal.
 
@@ -92,8 +105,28 @@ Variant = Literal["gigagan", "lipschitz"]
 # --------------------------------------------------------------------------------------------
 
 
+def _check_floating(x: object, name: str) -> Tensor:
+    """``x`` as a floating-point tensor, or a ``TypeError`` that names the argument."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
 def _to_tokens(x: Tensor, dim: int, name: str = "x") -> tuple[Tensor, tuple[int, ...] | None]:
-    """``b c h w`` -> ``b (h w) c`` (and the spatial size to restore), or ``b n d`` as is."""
+    """``b c h w`` -> ``b (h w) c`` (and the spatial size to restore), or ``b n d`` as is.
+
+    Refuses (naming ``name``) non-tensors, integer/bool tensors, ranks other than 3 and 4, the
+    wrong channel count, an empty batch and an input without tokens (``h w = 0`` or ``n = 0``).
+    """
+    x = _check_floating(x, name)
+    if x.ndim in (3, 4) and x.shape[0] == 0:
+        raise ValueError(f"{name} has an empty batch (shape {tuple(x.shape)})")
+    if x.ndim == 4 and x.shape[2] * x.shape[3] == 0:
+        raise ValueError(f"{name} has no pixels (shape {tuple(x.shape)})")
+    if x.ndim == 3 and x.shape[1] == 0:
+        raise ValueError(f"{name} has no tokens (shape {tuple(x.shape)})")
     if x.ndim == 4:
         if x.shape[1] != dim:
             raise ValueError(f"{name} has {x.shape[1]} channels (b c h w), expected {dim}")
@@ -116,6 +149,8 @@ def _from_tokens(y: Tensor, spatial: tuple[int, ...] | None) -> Tensor:
 def _check_mask(mask: Tensor | None, b: int, n: int, name: str) -> Tensor | None:
     if mask is None:
         return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a bool tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor (True = real token), got {mask.dtype}")
     if tuple(mask.shape) != (b, n):
@@ -170,9 +205,116 @@ def _attend(
     return out
 
 
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _fused_kernels_enabled() -> bool:
+    backends = torch.backends.cuda
+    return (
+        backends.flash_sdp_enabled()
+        or backends.mem_efficient_sdp_enabled()
+        or backends.cudnn_sdp_enabled()
+    )
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
+class _TrainableSDPA(torch.autograd.Function):
+    """``scaled_dot_product_attention`` whose backward is differentiable again.
+
+    The fused kernels (CPU flash, CUDA flash / memory-efficient) have no double-backward rule.
+    Forward runs the fused kernel with its own small graph; an ordinary backward replays that
+    graph (the fused backward, nothing recomputed). A backward that must itself be
+    differentiated (``create_graph=True``, e.g. a user's own R1 penalty) recomputes the
+    attention with the composite ("math") kernel and differentiates that instead: exact, at
+    the math kernel's ``n x m`` cost, only on those passes.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        scale: float,
+    ) -> Tensor:
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+        with torch.enable_grad():
+            out = F.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=scale)
+        ctx.inner = (leaves, out)  # type: ignore[attr-defined]
+        ctx.mask, ctx.scale = mask, scale  # type: ignore[attr-defined]
+        ctx.save_for_backward(q, k, v)
+        return out.detach()
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        wanted = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            q, k, v = ctx.saved_tensors  # type: ignore[attr-defined]
+            with sdpa_kernel([SDPBackend.MATH]), torch.autocast(q.device.type, enabled=False):
+                out = F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=ctx.mask,
+                    scale=ctx.scale,  # type: ignore[attr-defined]
+                )
+            inputs = [t for t, w in zip((q, k, v), wanted, strict=True) if w]
+            grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
+        else:
+            leaves, out = ctx.inner  # type: ignore[attr-defined]
+            inputs = [t for t, w in zip(leaves, wanted, strict=True) if w]
+            # retain_graph: the inner graph lives as long as this node, so a caller's
+            # retain_graph=True on the outer graph keeps working.
+            grads = iter(torch.autograd.grad(out, inputs, grad_out, retain_graph=True))
+        return (*(next(grads) if w else None for w in wanted), None, None)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None, scale: float) -> Tensor:
+    """SDPA; with :class:`_TrainableSDPA` where a backward may follow (see there).
+
+    Plain SDPA when no backward can follow, under functorch transforms (which need no
+    double-backward rule of their own here and do not take such a Function), and where the
+    caller has switched the fused kernels off (``sdpa_kernel(SDPBackend.MATH)``), so that the
+    math kernel's own double backward serves.
+    """
+    if _needs_grad(q, k, v) and not _functorch_active() and _fused_kernels_enabled():
+        return _TrainableSDPA.apply(q, k, v, attn_mask, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+
+def _key_padding_bias(key_mask: Tensor, dtype: torch.dtype, base: Tensor | None) -> Tensor:
+    """``b 1 1 m`` (or ``base``'s shape) additive bias: ``base`` where a key is real, the most
+    negative finite value where it is padding."""
+    # finfo.min rather than -inf: rows whose keys are all padding stay finite (no NaN in the
+    # forward or backward pass) and are zeroed by the caller.
+    acc = _accumulation_dtype(dtype)
+    keep = key_mask[:, None, None, :]  # b 1 1 m
+    zero = torch.zeros((), dtype=acc, device=key_mask.device)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=acc, device=key_mask.device)
+    return torch.where(keep, zero if base is None else base.to(acc), neg).to(dtype)
+
+
+def _augmented_width(width: int, device: torch.device) -> int:
+    # CUDA's fused kernels want head widths that are a multiple of 8; the CPU kernel takes any
+    # width and padding would only add work there.
+    return -(-width // 8) * 8 if device.type == "cuda" else width
+
+
 def _attend_fused(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_mask: Tensor | None, l2: bool
 ) -> Tensor:
+    if l2 and _needs_grad(q, k, v):
+        return _attend_l2_augmented(q, k, v, scale=scale, key_mask=key_mask)
     bias: Tensor | None = None
     sdpa_scale = scale
     if l2:
@@ -181,16 +323,32 @@ def _attend_fused(
         bias = (k_sq * -scale).unsqueeze(-2)  # b h 1 m
         sdpa_scale = 2.0 * scale
     if key_mask is not None:
-        # finfo.min rather than -inf: rows whose keys are all padding stay finite (no NaN in
-        # the forward or backward pass) and are zeroed by the caller.
-        acc = _accumulation_dtype(q.dtype)
-        keep = key_mask[:, None, None, :]  # b 1 1 m
-        base = bias if bias is not None else torch.zeros((), dtype=acc, device=q.device)
-        neg = torch.full((), torch.finfo(q.dtype).min, dtype=acc, device=q.device)
-        bias = torch.where(keep, base.to(acc), neg)
-    if bias is not None:
+        bias = _key_padding_bias(key_mask, q.dtype, bias)
+    elif bias is not None:
         bias = bias.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=sdpa_scale)
+    return _sdpa(q, k, v, attn_mask=bias, scale=sdpa_scale)
+
+
+def _attend_l2_augmented(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_mask: Tensor | None
+) -> Tensor:
+    """L2 attention as bias-free SDPA on ``q' = [q, -1/2]``, ``k' = [k, ||k||^2]`` (exact).
+
+    ``2 scale q'.k' = scale (2 q.k - ||k||^2)``, the L2 logits up to a per-row constant, so the
+    fused kernels run forward *and* backward; ``v`` is zero-padded to the common width.
+    """
+    e, f = q.shape[-1], v.shape[-1]
+    width = _augmented_width(max(e + 1, f), q.device)
+    k_sq = k.to(_accumulation_dtype(k.dtype)).square().sum(dim=-1, keepdim=True).to(k.dtype)
+    q_aug = torch.cat(
+        [q, q.new_full((*q.shape[:-1], 1), -0.5), q.new_zeros((*q.shape[:-1], width - e - 1))],
+        dim=-1,
+    )
+    k_aug = torch.cat([k, k_sq, k.new_zeros((*k.shape[:-1], width - e - 1))], dim=-1)
+    v_aug = F.pad(v, (0, width - f)) if width > f else v
+    mask = None if key_mask is None else _key_padding_bias(key_mask, q.dtype, None)
+    out = _sdpa(q_aug, k_aug, v_aug, attn_mask=mask, scale=2.0 * scale)
+    return out[..., :f] if width > f else out
 
 
 def _attend_reference(
@@ -390,12 +548,20 @@ class L2CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
         tokens, spatial = _to_tokens(x, self.dim)
+        context = _check_floating(context, "context")
         if context.ndim != 3 or context.shape[2] != self.context_dim:
             raise ValueError(
                 f"context must be 'b m d' with d={self.context_dim}, got {tuple(context.shape)}"
             )
         if context.shape[0] != tokens.shape[0]:
             raise ValueError(f"context batch {context.shape[0]} != x batch {tokens.shape[0]}")
+        if context.shape[1] == 0:
+            raise ValueError(f"context has no tokens (shape {tuple(context.shape)})")
+        if context.dtype != tokens.dtype and not torch.is_autocast_enabled(tokens.device.type):
+            raise TypeError(
+                f"context has dtype {context.dtype} but x has {tokens.dtype}; cast one to the "
+                "other (or run under torch.autocast)"
+            )
         b, m, _ = context.shape
         context_mask = _check_mask(context_mask, b, m, "context_mask")
         q = _split_heads(self.to_q(tokens), self.heads)
