@@ -21,6 +21,15 @@ images, the text embedding, the mismatched-caption outputs) on first use and cac
 five losses that all read ``ctx.d_fake`` cost one discriminator pass. In the ``"D"`` phase
 the fake pyramid is detached; in the ``"G"`` phase it carries the generator's graph.
 
+Passes that are wanted together run as **one batched discriminator call** where that
+changes no value: in the ``"D"`` phase the first read of ``d_real`` or ``d_fake`` computes
+both in one call on the real and fake images stacked along the batch, and
+:meth:`LossContext.prefetch` does the same for any set of the four cached outputs (e.g.
+``ctx.prefetch("real", "fake", "real_mismatched")`` with the matching-aware loss). It needs
+a discriminator whose forward takes ``stacked=k`` (``k`` independent batches concatenated,
+minibatch statistics kept within each, as :class:`~gigagan_core.nets.MultiScaleDiscriminator`
+does); any other discriminator gets one call per output, as before.
+
 A context serves **one backward pass and one optimiser step**: its cached outputs hold the
 graph of that pass and the parameters as they were. To run another pass on the same batch
 after a step (for example R1 as its own optimiser step, as StyleGAN2 does), build a new
@@ -29,6 +38,7 @@ context or call :meth:`LossContext.invalidate`.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
@@ -38,6 +48,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from gigagan_core.frozen import trainable_parameters
+from gigagan_core.nets.discriminator import DiscriminatorOutput
 from gigagan_core.nets.pyramid import build_pyramid
 from gigagan_core.nets.text_features import TextFeatures
 from gigagan_core.specs import ComponentSpec
@@ -73,6 +84,8 @@ class LossContext:
     - ``text_features``: the frozen encoder's output for ``texts`` if the step has it
       (losses that need captions in another form read ``texts``).
     - ``extras``: free-form values a trainer or plugin wants to pass along.
+    - ``batch_d_passes``: in the ``"D"`` phase, compute ``d_real`` and ``d_fake`` together in
+      one stacked discriminator call (see the module docstring); off: one call each.
 
     Cached on first use: :attr:`real_pyramid`, :attr:`text_embedding`, :attr:`d_real`,
     :attr:`d_fake`, :attr:`d_real_mismatched`, :attr:`d_fake_mismatched`; and anything a
@@ -91,6 +104,7 @@ class LossContext:
         fake_pyramid: Sequence[Tensor],
         text_features: TextFeatures | None = None,
         extras: dict[str, Any] | None = None,
+        batch_d_passes: bool = True,
     ) -> None:
         if phase not in ("G", "D"):
             raise ValueError(f"phase must be 'G' or 'D', got {phase!r}")
@@ -119,6 +133,7 @@ class LossContext:
             )
         self.text_features = text_features
         self.extras = dict(extras or {})
+        self.batch_d_passes = batch_d_passes
         self._cache: dict[str, Any] = {}
 
     @property
@@ -177,35 +192,113 @@ class LossContext:
         """One discriminator pass (not cached): ``D(pyramid, text_embedding=t)``."""
         return self.discriminator(list(pyramid), text_embedding=text_embedding)
 
+    # ---- the four cached discriminator outputs -------------------------------------------
+
+    PASSES: ClassVar[tuple[str, ...]] = ("real", "fake", "real_mismatched", "fake_mismatched")
+    """Names of the cached passes, for :meth:`prefetch` (``"real"`` is :attr:`d_real`)."""
+
+    def _pass_inputs(self, name: str) -> tuple[list[Tensor], Tensor | None]:
+        if name not in self.PASSES:
+            raise ValueError(f"unknown discriminator pass {name!r}; expected one of {self.PASSES}")
+        pyramid = self.real_pyramid if name.startswith("real") else self.fake_pyramid
+        t = self.mismatched_text_embedding() if name.endswith("mismatched") else self.text_embedding
+        return list(pyramid), t
+
+    def prefetch(self, *names: str) -> None:
+        """Compute the named outputs (of :attr:`PASSES`) not cached yet, in one stacked call.
+
+        The images of the passes are concatenated along the batch (pyramid level by level,
+        text embeddings alike) and the discriminator is told they are ``k`` independent
+        batches (``stacked=k``), so each output equals that of its own call up to float
+        rounding, gradients included. A discriminator that does not take ``stacked`` gets
+        one call per pass. Reading the outputs afterwards costs nothing.
+        """
+        todo = [n for n in dict.fromkeys(names) if f"d_{n}" not in self._cache]
+        if not todo:
+            return
+        inputs = [self._pass_inputs(name) for name in todo]
+        sizes = {p[0].shape[0] for p, _ in inputs}
+        if len(todo) == 1 or len(sizes) > 1 or not _accepts_stacked(self.discriminator):
+            for name, (pyramid, t) in zip(todo, inputs, strict=True):
+                self._cache[f"d_{name}"] = self.discriminate(pyramid, t)
+            return
+        levels = len(inputs[0][0])
+        pyramid = [torch.cat([p[level] for p, _ in inputs]) for level in range(levels)]
+        embeddings = [t for _, t in inputs]
+        t = None if embeddings[0] is None else torch.cat(embeddings)  # type: ignore[arg-type]
+        output = self.discriminator(pyramid, text_embedding=t, stacked=len(todo))
+        for name, part in zip(todo, _split_output(output, len(todo)), strict=True):
+            self._cache[f"d_{name}"] = part
+
+    def _d_output(self, name: str) -> Any:
+        key = f"d_{name}"
+        if key not in self._cache:
+            if self.phase == "D" and self.batch_d_passes and name in ("real", "fake"):
+                self.prefetch("real", "fake")
+            else:
+                self.prefetch(name)
+        return self._cache[key]
+
     @property
     def d_real(self) -> Any:
         """Discriminator output on real images with their own captions."""
-        return self.cached(
-            "d_real", lambda: self.discriminate(self.real_pyramid, self.text_embedding)
-        )
+        return self._d_output("real")
 
     @property
     def d_fake(self) -> Any:
         """Discriminator output on the generated pyramid with its captions."""
-        return self.cached(
-            "d_fake", lambda: self.discriminate(self.fake_pyramid, self.text_embedding)
-        )
+        return self._d_output("fake")
 
     @property
     def d_real_mismatched(self) -> Any:
         """Discriminator output on real images paired with rolled (wrong) captions."""
-        return self.cached(
-            "d_real_mismatched",
-            lambda: self.discriminate(self.real_pyramid, self.mismatched_text_embedding()),
-        )
+        return self._d_output("real_mismatched")
 
     @property
     def d_fake_mismatched(self) -> Any:
         """Discriminator output on generated images paired with rolled (wrong) captions."""
-        return self.cached(
-            "d_fake_mismatched",
-            lambda: self.discriminate(self.fake_pyramid, self.mismatched_text_embedding()),
+        return self._d_output("fake_mismatched")
+
+
+def _unwrapped(module: Any) -> Any:
+    """The module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    for _ in range(4):
+        inner = getattr(module, "_orig_mod", None)
+        if inner is None and isinstance(module, nn.parallel.DistributedDataParallel):
+            inner = module.module
+        if inner is None:
+            return module
+        module = inner
+    return module
+
+
+def _accepts_stacked(discriminator: Any) -> bool:
+    """Whether the discriminator's forward names a ``stacked`` keyword (an explicit promise:
+    a bare ``**kwargs`` is not one)."""
+    forward = getattr(_unwrapped(discriminator), "forward", None)
+    if forward is None:
+        return False
+    try:
+        parameter = inspect.signature(forward).parameters.get("stacked")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.KEYWORD_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+
+
+def _split_output(output: Any, parts: int) -> list[Any]:
+    """A stacked call's output as ``parts`` outputs of the contract, batch split evenly."""
+    pairs = list(output.pairs())
+    chunks = {pair: output[pair].chunk(parts, dim=0) for pair in pairs}
+    resolutions = tuple(output.resolutions)
+    return [
+        DiscriminatorOutput(
+            logits={pair: chunks[pair][k] for pair in pairs}, resolutions=resolutions
         )
+        for k in range(parts)
+    ]
 
 
 class Loss(nn.Module):

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from gigagan_core.errors import InputError
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
@@ -125,6 +126,12 @@ class MultiScaleDiscriminatorSpec(ComponentSpec):
     )
     fused: bool = Field(
         True, description="Grouped-conv / SDPA fast paths (false: the reference paths)."
+    )
+    checkpointing: bool = Field(
+        False,
+        description="Activation checkpointing of the image-branch stages while training: "
+        "their activations are recomputed in the backward pass instead of kept (less peak "
+        "memory for big presets, about one more forward pass of time).",
     )
 
     @field_validator("resolution")
@@ -520,10 +527,18 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
         texts: TextInput = None,
         *,
         text_embedding: Tensor | None = None,
+        stacked: int = 1,
     ) -> DiscriminatorOutput:
-        """``D_ij(x, c)`` for every pair ``(i, j)``; see the class docstring for the inputs."""
+        """``D_ij(x, c)`` for every pair ``(i, j)``; see the class docstring for the inputs.
+
+        ``stacked``: the batch is that many independent batches of equal size concatenated
+        (e.g. real and generated images in one call). Minibatch statistics stay within each,
+        so every sample's logits equal those of a call on its own batch alone.
+        """
         pyramid = self._as_pyramid(images)
         b = pyramid[0].shape[0]
+        if not isinstance(stacked, int) or stacked < 1 or b % stacked:
+            raise ValueError(f"stacked must be a positive divisor of the batch {b}, got {stacked}")
         if text_embedding is not None:
             if texts is not None:
                 raise ValueError("pass texts or text_embedding, not both")
@@ -545,7 +560,10 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
             entering = from_rgb(pyramid[s])
             h = entering if h is None else torch.cat([h, entering.to(h.dtype)], dim=0)
             paths = s + 1
-            h = stage(h, paths)
+            if self.spec.checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(stage, h, paths * stacked, use_reentrant=False)
+            else:
+                h = stage(h, paths * stacked)
             out = head(h, t.repeat(paths, 1))  # (p b) h_j w_j
             out = out.to(torch.promote_types(out.dtype, torch.float32))
             for i, d_ij in enumerate(out.split(b, dim=0)):
