@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
 from gigagan_core.layers.checks import check_tensor
@@ -101,6 +102,12 @@ class GeneratorSpec(StyledNetworkSpec):
         description="Synthesis levels from the lowest resolution up, each twice the previous.",
     )
     noise: bool = Field(True, description="Per-pixel noise inputs after each conv (StyleGAN2).")
+    checkpointing: bool = Field(
+        False,
+        description="Activation checkpointing of the synthesis blocks while training: their "
+        "activations are recomputed in the backward pass instead of kept (less peak memory "
+        "for big presets, about one more forward pass of time; the same noise is redrawn).",
+    )
 
     @model_validator(mode="after")
     def _check_levels(self) -> GeneratorSpec:
@@ -265,7 +272,12 @@ class SynthesisNetwork(nn.Module):
                 if block.conv.use_noise and noise_mode == "random" and noise_generator is not None:
                     side = x.shape[-1] * block.conv.up
                     noise = randn(b, 1, side, side, generator=noise_generator, device=ws.device)
-                x = block(x, ws[:, idx], text, noise, noise_mode)
+                if self.spec.checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(
+                        block, x, ws[:, idx], text, noise, noise_mode, use_reentrant=False
+                    )
+                else:
+                    x = block(x, ws[:, idx], text, noise, noise_mode)
                 idx += 1
             y = to_rgb(x, ws[:, idx])
             idx += 1
