@@ -19,9 +19,15 @@ $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGES))
 	$(BIN)/python -m pip install -q --no-build-isolation $(addprefix -e ,$(PACKAGES))
 	touch $@
 
+# Trains the built-in demo run (about 10 minutes on 2 CPU cores), then samples a grid of
+# captions from it: runs/demo/samples/ has the grids written during training.
+DEMO_PROMPTS := "a red circle on a blue background" "a yellow square on a black background" \
+	"a white triangle on a green background" "an orange ring on a purple background" \
+	"a blue circle on a white background" "a green square on a red background"
+
 demo: setup
-	$(BIN)/gigagan plugins
-	$(BIN)/gigagan train demo --dry-run
+	$(BIN)/gigagan train demo --overwrite
+	$(BIN)/gigagan sample runs/demo --prompt $(DEMO_PROMPTS) -n 6 --seed 1 --out runs/demo/grid.png
 
 test: setup
 	$(BIN)/python -m pytest -n 2 -q

@@ -315,3 +315,27 @@ def test_presets_and_plugins_pipe(tmp_path: Path):
     )
     assert piped.stdout.split() == ["ROLE", "KIND", "DISTRIBUTION", "VERSION", "DESCRIPTION"]
     assert piped.stderr == ""
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_one_unless_overwrite(trained, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(trained, folder)
+    spec = tmp_path / "tiny.json"
+    spec.write_text(json.dumps(tiny_run(steps=1, checkpoint_every=1)))
+    assert main(["train", str(spec), "--out", str(folder), "--no-progress"]) == 2
+    _one_line_error(
+        capsys.readouterr().err,
+        "already holds a run (checkpoint step 3)",
+        "--resume",
+        "--overwrite",
+    )
+    assert main(["train", str(spec), "--out", str(folder), "--overwrite", "--resume"]) == 2
+    _one_line_error(capsys.readouterr().err, "contradict")
+    assert main(["train", str(spec), "--out", str(folder), "--overwrite", "--no-progress"]) == 0
+    assert (folder / "checkpoints" / "latest").read_text().strip() == "step-000001"
+    assert sorted(p.name for p in (folder / "samples").iterdir()) == [
+        "step-000001.json",
+        "step-000001.png",
+    ]

@@ -146,7 +146,9 @@ def test_dry_run_calls_the_discriminator_and_names_it_when_it_breaks_the_contrac
         spec = RunSpec.model_validate(tiny_run(discriminator={"kind": "raw-tensor"}))
         from gigagan_train.errors import RunError
 
-        with pytest.raises(RunError, match=r"^discriminator: returned a raw tensor of shape \(4,\)"):
+        with pytest.raises(
+            RunError, match=r"^discriminator: returned a raw tensor of shape \(4,\)"
+        ):
             dry_run(spec, tmp_path / "out")
 
 

@@ -296,3 +296,14 @@ def test_tiny_upsampler_run_trains_on_low_high_pairs(tmp_path, caplog):
     assert config["kind"] == "gigagan-upsampler"
     grid = Image.open(tmp_path / "up" / "samples" / "step-000002.png")
     assert grid.size[0] > 3 * 64  # rows of input / output / target
+
+
+def test_tensorboard_events_when_installed(make_spec, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(make_spec(steps=2, tensorboard=True), tmp_path / "r").fit()
+    events = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"D/adv_real", "G/adv_fake", "grad_norm/G", "img_per_s"} <= tags
+    assert [e.step for e in events.Scalars("G/adv_fake")] == [1, 2]

@@ -212,7 +212,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from gigagan_train.trainer import Trainer
 
-    _check_writable(args.out or spec.output_dir or Path("runs") / spec.name)
+    folder = Path(args.out or spec.output_dir or Path("runs") / spec.name)
+    _check_writable(folder)
+    if args.overwrite:
+        if args.resume:
+            raise UserError("--overwrite and --resume contradict each other; pick one")
+        _clear_run_folder(folder)
     resume: str | bool | None = args.resume
     trainer = Trainer(spec, args.out, resume=resume, progress=not args.no_progress)
     start = trainer.state.step
@@ -231,8 +236,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clear_run_folder(folder: Path) -> None:
+    """Remove what a run writes (checkpoints, samples, logs), nothing else."""
+    import shutil
+
+    for name in ("checkpoints", "samples", "tensorboard"):
+        shutil.rmtree(folder / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "spec.json"):
+        (folder / name).unlink(missing_ok=True)
+
+
 def _check_writable(folder: str | Path) -> None:
     path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"cannot create output folder {path}: it is a file")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -497,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="continue from the run folder's latest checkpoint, or from PATH",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in a run folder that holds a run (its checkpoints, samples and "
+        "metrics are deleted)",
     )
     p.add_argument("--steps", type=int, help="train to this step (overrides the spec)")
     p.add_argument("--max-minutes", type=float, help="stop after this much wall time")

@@ -183,6 +183,15 @@ def _make_adam(
 
 
 @dataclass
+class _Micro:
+    """One micro-batch: real images, their captions and the frozen encoder's features."""
+
+    real: Tensor
+    texts: list[str] | None
+    features: Any = None
+
+
+@dataclass
 class TrainerState:
     """Everything besides weights and optimiser states that a resume needs."""
 
@@ -260,6 +269,14 @@ class Trainer:
             resume_from = find_checkpoint(resume)
         if resume_from is not None:
             self._check_resumable(resume_from)
+        else:
+            existing = latest_checkpoint(self.folder / "checkpoints")
+            if existing is not None:
+                raise RunError(
+                    f"{self.folder} already holds a run (checkpoint step {existing.step}); "
+                    "pass --resume to continue it, --overwrite to start it again, or --out "
+                    "for another folder"
+                )
 
         seed_everything(spec.seed + rank)
         self.run = run if run is not None else assemble(spec)
@@ -284,6 +301,11 @@ class Trainer:
         self.opt_D = _make_adam(self.D, d_side, spec.optimizer.discriminator, self.reg_interval)
         self.conditional = bool(getattr(self.G, "conditional", False))
         self._accepts_w_avg = _accepts(self.G.forward, "update_w_avg")
+        encoder = getattr(self.G, "text_encoder", None)
+        self._encoder = encoder if callable(getattr(self.G, "encode_text", None)) else None
+        self._d_shares_encoder = (
+            self._encoder is not None and getattr(self.D, "text_encoder", None) is self._encoder
+        )
         self.autocast_dtype = torch.bfloat16 if spec.precision == "bf16" else None
         self.sample_prompts = self._sample_prompts()
         self._sample_images: Tensor | None = None
@@ -377,14 +399,32 @@ class Trainer:
     def _low_res(self, real: Tensor) -> Tensor:
         return downsample(real, int(getattr(self.G, "scale", 1)))
 
-    def _fakes(self, real: Tensor, texts: list[str] | None, *, track_w_avg: bool) -> list[Tensor]:
+    def _fakes(self, micro: _Micro, *, track_w_avg: bool) -> list[Tensor]:
         kwargs: dict[str, Any] = {}
         if self._accepts_w_avg:
             kwargs["update_w_avg"] = track_w_avg
+        text = micro.features if micro.features is not None else micro.texts
         if self.spec.trains_upsampler:
-            return _pyramid(self.G(self._low_res(real), texts, **kwargs))
-        z = torch.randn(real.shape[0], self.G.z_dim, device=self.device)
-        return _pyramid(self.G(z, texts, **kwargs))
+            return _pyramid(self.G(self._low_res(micro.real), text, **kwargs))
+        z = torch.randn(micro.real.shape[0], self.G.z_dim, device=self.device)
+        return _pyramid(self.G(z, text, **kwargs))
+
+    @torch.no_grad()
+    def _micro_batches(self, batch: dict[str, Any]) -> list[_Micro]:
+        """Split the batch; run the frozen text encoder once per micro-batch for every phase
+        (and for D too when it shares the encoder)."""
+        real_all = batch["image"].to(self.device, non_blocking=True)
+        captions = [str(c) for c in batch["caption"]] if self.conditional else None
+        chunks = self.spec.grad_accumulation
+        size = real_all.shape[0] // chunks
+        out = []
+        for k in range(chunks):
+            texts = captions[k * size : (k + 1) * size] if captions is not None else None
+            features = None
+            if texts is not None and self._encoder is not None:
+                features = self._encoder(texts)
+            out.append(_Micro(real_all[k * size : (k + 1) * size], texts, features))
+        return out
 
     def _terms(
         self, losses: Sequence[nn.Module], ctx: LossContext, phase: str
@@ -407,7 +447,7 @@ class Trainer:
         self,
         phase: str,
         losses: Sequence[nn.Module],
-        micro: Sequence[tuple[Tensor, list[str] | None]],
+        micro: Sequence[_Micro],
         optimizer: torch.optim.Optimizer,
         params: list[nn.Parameter],
         adam: AdamSpec,
@@ -422,23 +462,24 @@ class Trainer:
         used: list[list[Tensor]] = []
         bad: str | None = None
         sums: dict[str, float] = {}
-        for k, (real, texts) in enumerate(micro):
+        for k, part in enumerate(micro):
             with self._autocast() if autocast else contextlib.nullcontext():
                 if fakes is not None:
                     fake = fakes[k]
                 elif phase == "D":
                     with torch.no_grad():
-                        fake = self._fakes(real, texts, track_w_avg=False)
+                        fake = self._fakes(part, track_w_avg=False)
                 else:
-                    fake = self._fakes(real, texts, track_w_avg=True)
+                    fake = self._fakes(part, track_w_avg=True)
                 ctx = LossContext(
                     phase=phase,  # type: ignore[arg-type]
                     step=self.state.step,
-                    real=real,
-                    texts=texts,
+                    real=part.real,
+                    texts=part.texts,
                     generator=self.G,
                     discriminator=self.D,
                     fake_pyramid=fake,
+                    text_features=part.features if self._d_shares_encoder else None,
                 )
                 total, named = self._terms(losses, ctx, label)
             used.append([x.detach() for x in fake])
@@ -494,17 +535,7 @@ class Trainer:
         """One full step (D, lazy D regulariser, G, EMA) on ``batch``."""
         spec = self.spec
         result = StepResult()
-        real_all = batch["image"].to(self.device, non_blocking=True)
-        captions = [str(c) for c in batch["caption"]] if self.conditional else None
-        chunks = spec.grad_accumulation
-        size = real_all.shape[0] // chunks
-        micro = [
-            (
-                real_all[k * size : (k + 1) * size],
-                captions[k * size : (k + 1) * size] if captions is not None else None,
-            )
-            for k in range(chunks)
-        ]
+        micro = self._micro_batches(batch)
         d_params = self.opt_D.param_groups
         d_list = [p for g in d_params for p in g["params"]]
         g_list = [p for g in self.opt_G.param_groups for p in g["params"]]
