@@ -278,3 +278,31 @@ def test_a_discriminator_without_stacked_gets_separate_calls():
     )
     AdversarialLoss(AdversarialLossSpec())(ctx)
     assert d.batches == [2, 2]
+
+
+def test_heads_read_all_paths_of_a_sample_at_once_with_the_same_values(monkeypatch):
+    # The heads run on each sample's paths side by side (one set of modulated weights per
+    # sample); the plain per-(path, sample) call must give the same logits and gradients.
+    import gigagan_core.nets.discriminator as module
+
+    def per_path(stage, head, h, t, paths, stacked):
+        h = stage(h, paths * stacked)
+        return h, head(h, t.repeat(paths, 1))
+
+    d = _unconditional_d(mbstd_group=2)
+    d.text_constant.data = torch.randn_like(d.text_constant)
+    x = _images(4, 9)
+    results = []
+    for patch in (False, True):
+        if patch:
+            monkeypatch.setattr(module, "_stage_and_head", per_path)
+        d.zero_grad(set_to_none=True)
+        out = d(x, text_embedding=torch.randn(4, 16, dtype=F64, generator=torch.Generator()))
+        sum((v * v.detach().sign()).sum() for v in out.logits.values()).backward()
+        grads = [p.grad.clone() for p in d.parameters() if p.grad is not None]
+        results.append(({k: v.detach() for k, v in out.logits.items()}, grads))
+    (got, got_grads), (want, want_grads) = results
+    for pair in want:
+        torch.testing.assert_close(got[pair], want[pair], **TOL)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, **TOL)

@@ -365,6 +365,23 @@ class _PredictionHead(nn.Module):
         return (y + self.skip(h)).squeeze(1)
 
 
+def _stage_and_head(
+    stage: _Stage, head: _PredictionHead, h: Tensor, t: Tensor, paths: int, stacked: int
+) -> tuple[Tensor, Tensor]:
+    """One level of the image branch: stage ``s`` on ``(p b)`` samples and its readout.
+
+    The head is 1x1 convolutions modulated per sample by ``t``, pointwise in space, so it runs
+    on each sample's ``p`` paths laid side by side along the height (``b c (p r) r``): one set
+    of modulated weights per sample instead of ``p`` identical copies, the same values.
+    """
+    h = stage(h, paths * stacked)
+    pb, c, r, r2 = h.shape
+    b = pb // paths
+    side_by_side = h.reshape(paths, b, c, r, r2).permute(1, 2, 0, 3, 4).reshape(b, c, -1, r2)
+    out = head(side_by_side, t)  # b (p r) r
+    return h, out.reshape(b, paths, r, r2).transpose(0, 1).reshape(pb, r, r2)
+
+
 class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
     """GigaGAN's text-conditional MS-I/O discriminator (Sec. 3.4); see the module docstring.
 
@@ -561,10 +578,13 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
             h = entering if h is None else torch.cat([h, entering.to(h.dtype)], dim=0)
             paths = s + 1
             if self.spec.checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(stage, h, paths * stacked, use_reentrant=False)
+                # Stage and head in one region: the heads' per-sample modulated weights are
+                # the larger part of what a step would otherwise keep.
+                h, out = checkpoint(
+                    _stage_and_head, stage, head, h, t, paths, stacked, use_reentrant=False
+                )
             else:
-                h = stage(h, paths * stacked)
-            out = head(h, t.repeat(paths, 1))  # (p b) h_j w_j
+                h, out = _stage_and_head(stage, head, h, t, paths, stacked)
             out = out.to(torch.promote_types(out.dtype, torch.float32))
             for i, d_ij in enumerate(out.split(b, dim=0)):
                 logits[(i, s + 1)] = d_ij
