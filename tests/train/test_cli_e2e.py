@@ -339,3 +339,29 @@ def test_a_fresh_run_refuses_a_folder_that_holds_one_unless_overwrite(trained, t
         "step-000001.json",
         "step-000001.png",
     ]
+
+
+def test_library_errors_are_one_line(trained: Path, tmp_path: Path, capsys):
+    import shutil
+
+    # a corrupt weights file in the checkpoint: the loader's error, named, in one line
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken)
+    latest = (broken / "checkpoints" / "latest").read_text().strip()
+    (broken / "checkpoints" / latest / "G_ema" / "model.safetensors").write_bytes(b"garbage")
+    assert main(["sample", str(broken), "--prompt", "x", "--out", str(tmp_path / "g.png")]) == 2
+    _one_line_error(capsys.readouterr().err, "model.safetensors", "not a readable safetensors")
+
+    # a text encoder weight file that is not there: named before anything trains
+    spec = tmp_path / "missing-weights.json"
+    data = tiny_run()
+    from gigagan_core.presets import load_preset
+
+    preset = load_preset("tiny")
+    for part in ("generator", "discriminator"):
+        table = getattr(preset, part).model_dump(mode="json")
+        table["text_encoder"]["weights"] = str(tmp_path / "nope.safetensors")
+        data[part] = table
+    spec.write_text(json.dumps(data))
+    assert main(["train", str(spec), "--dry-run", "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys.readouterr().err, "nope.safetensors")
