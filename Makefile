@@ -6,7 +6,7 @@ PACKAGES := packages/gigagan-core packages/gigagan-losses packages/gigagan-upsam
 TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench wheels clean
+.PHONY: setup demo test lint bench bench-ref wheels clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,16 @@ lint: setup
 
 bench: setup
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# The training step against gigagan-pytorch 0.3.0, which lives in its own venv (same torch).
+REF_VENV := .venv-ref
+$(REF_VENV)/.installed:
+	test -x $(REF_VENV)/bin/python || $(PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/python -m pip install -q $(TORCH) gigagan-pytorch==0.3.0
+	touch $@
+
+bench-ref: setup $(REF_VENV)/.installed
+	$(BIN)/python benchmarks/bench_vs_reference.py --ref-python $(REF_VENV)/bin/python
 
 wheels: setup
 	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist $(PACKAGES)
