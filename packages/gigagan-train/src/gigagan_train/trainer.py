@@ -32,7 +32,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ from gigagan_train.checkpoint import (
 from gigagan_train.data import StreamSampler
 from gigagan_train.errors import CheckpointError, RunError, TrainingAbortedError
 from gigagan_train.images import save_grid
-from gigagan_train.run import AssembledRun, assemble, run_dir
+from gigagan_train.run import AssembledRun, _accepts, assemble, run_dir
 from gigagan_train.spec import AdamSpec, RunSpec
 
 __all__ = [
@@ -112,15 +112,6 @@ def downsample(images: Tensor, scale: int) -> Tensor:
     h, w = images.shape[-2:]
     low = F.interpolate(images, size=(h // scale, w // scale), mode="bicubic", antialias=True)
     return low.clamp(-1, 1)
-
-
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _pyramid(output: Any) -> list[Tensor]:
