@@ -72,8 +72,12 @@ def test_train_dry_run_on_the_default_writes_spec_and_sample_grid(capsys, tmp_pa
     spec = load_spec(out / "spec.json", RunSpec)
     assert spec == load_spec(preset_path("demo"), RunSpec)
     grid = Image.open(out / "real_samples.png")
-    # 16 images of 32 px, enlarged 3x, in a 4x4 grid with 2 px padding; captions beside it
-    assert grid.size[1] == 4 * (96 + 2) + 2 and grid.size[0] > grid.size[1] + 100
+    # the batch's 32-px images enlarged 3x, int(sqrt(b)) per row with 2 px padding, and a
+    # panel of captions beside them
+    per_row = int(spec.batch_size**0.5)
+    rows = -(-spec.batch_size // per_row)
+    assert grid.size[1] == rows * (96 + 2) + 2
+    assert grid.size[0] > per_row * (96 + 2) + 2 + 100
     captions = json.loads((out / "real_captions.json").read_text())
     assert len(captions) == spec.batch_size
     assert all(" on a " in c or " on an " in c for c in captions)
