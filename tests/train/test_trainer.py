@@ -307,3 +307,17 @@ def test_tensorboard_events_when_installed(make_spec, tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"D/adv_real", "G/adv_fake", "grad_norm/G", "img_per_s"} <= tags
     assert [e.step for e in events.Scalars("G/adv_fake")] == [1, 2]
+
+
+def test_each_phase_calls_the_discriminator_once(make_spec, tmp_path):
+    """Adversarial + matching-aware read real, fake and real-mismatched outputs in the D phase
+    and fake, fake-mismatched in the G phase: each phase stacks them into one D call."""
+    trainer = Trainer(
+        make_spec(losses=[{"kind": "adversarial"}, {"kind": "matching-aware"}]), tmp_path / "r"
+    )
+    calls = []
+    trainer.D.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs.get("stacked", 1)), with_kwargs=True
+    )
+    trainer.train_step(next(trainer._batches()))
+    assert calls == [3, 2]

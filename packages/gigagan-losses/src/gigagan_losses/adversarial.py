@@ -214,6 +214,9 @@ class AdversarialLoss(_PairWeightedLoss):
     def __init__(self, spec: AdversarialLossSpec) -> None:
         super().__init__(spec)
 
+    def discriminator_passes(self, ctx: LossContext) -> tuple[str, ...]:
+        return ("real", "fake") if ctx.phase == "D" else ("fake",)
+
     def discriminator_terms(self, ctx: LossContext) -> dict[str, Tensor]:
         real_fn, fake_fn, _ = _OBJECTIVES[self.spec.objective]
         return {
@@ -439,6 +442,15 @@ class MatchingAwareLoss(_PairWeightedLoss):
                 _per_pair_mean(self._mismatched(ctx, "fake"), F.softplus)
             )
         return terms
+
+    def discriminator_passes(self, ctx: LossContext) -> tuple[str, ...]:
+        if self.spec.shifts != 1:  # passes of other shifts are not among the shared ones
+            return ()
+        if ctx.phase == "G":
+            return ("fake_mismatched",)
+        if self.spec.include_fake_mismatched_in_d:
+            return ("real_mismatched", "fake_mismatched")
+        return ("real_mismatched",)
 
     def generator_terms(self, ctx: LossContext) -> dict[str, Tensor]:
         self._check(ctx)

@@ -333,6 +333,13 @@ class Loss(nn.Module):
         """Whether this loss contributes at this step and phase (default: its phases)."""
         return ctx.phase in self.phases
 
+    def discriminator_passes(self, ctx: LossContext) -> tuple[str, ...]:
+        """The cached discriminator outputs (names of :attr:`LossContext.PASSES`) this loss
+        reads in ``ctx.phase``. A trainer hands the union over all losses to
+        :meth:`LossContext.prefetch`, so they come from one stacked discriminator call.
+        Declaring nothing (the default) is always correct, only slower."""
+        return ()
+
     def generator_terms(self, ctx: LossContext) -> dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} has no generator terms")
 

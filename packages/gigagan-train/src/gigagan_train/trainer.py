@@ -472,7 +472,15 @@ class Trainer:
                     fake_pyramid=fake,
                     text_features=part.features if self._d_shares_encoder else None,
                 )
-                total, named = self._terms(losses, ctx, label)
+                active = [loss for loss in losses if loss.active(ctx)]
+                passes = [
+                    name
+                    for loss in active
+                    for name in getattr(loss, "discriminator_passes", lambda _: ())(ctx)
+                ]
+                if passes:  # every discriminator output this phase reads, in one call
+                    ctx.prefetch(*passes)
+                total, named = self._terms(active, ctx, label)
             used.append([x.detach() for x in fake])
             if total is None:
                 continue
