@@ -107,3 +107,12 @@ def test_spec_validates_a_file_before_printing_it(capsys, tmp_path: Path):
     assert captured.out == ""
     assert captured.err.startswith(f"error: {bad}: invalid RunSpec spec\n")
     assert "batch_size\n  Input should be a valid integer" in captured.err
+
+
+def test_a_preset_name_is_not_shadowed_by_a_folder_of_that_name(
+    capsys, tmp_path: Path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # e.g. a run folder left in the working directory
+    assert main(["spec", "demo"]) == 0
+    assert capsys.readouterr().out == preset_path("demo").read_text()

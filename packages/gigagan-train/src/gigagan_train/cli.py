@@ -61,7 +61,7 @@ def _resolve_spec_path(name: str) -> Path:
     from gigagan_train.presets import preset_path
 
     path = Path(name)
-    if path.suffix.lower() in {".toml", ".json"} or path.exists():
+    if path.suffix.lower() in {".toml", ".json"} or path.is_file():
         return path
     return preset_path(name)
 
