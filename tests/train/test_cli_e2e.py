@@ -117,74 +117,21 @@ def test_sample_writes_a_grid_with_its_captions(trained: Path, tmp_path: Path):
     assert Image.open(out).tobytes() == Image.open(again).tobytes()
 
 
+def _sample(trained: Path, out: Path, *args: str) -> int:
+    return main(["sample", str(trained), *args, "--out", str(out)])
+
+
 def test_sample_interpolations_and_style_mixing(trained: Path, tmp_path: Path, capsys):
+    runs = [
+        (("--prompt", *PROMPTS, "--interpolate", "prompt", "--frames", "5"), "(5 images)"),
+        (("--prompt", PROMPTS[0], "--interpolate", "latent", "--frames", "4"), "(4 images)"),
+        (("--prompt", PROMPTS[0], "--style-mix", "-n", "3"), "(12 images)"),
+    ]
+    for k, (args, written) in enumerate(runs):
+        assert _sample(trained, tmp_path / f"{k}.png", *args) == 0
+        assert capsys.readouterr().out.strip().endswith(written)
     assert (
-        main(
-            [
-                "sample",
-                str(trained),
-                "--prompt",
-                *PROMPTS,
-                "--interpolate",
-                "prompt",
-                "--frames",
-                "5",
-                "--out",
-                str(tmp_path / "p.png"),
-            ]
-        )
-        == 0
-    )
-    assert capsys.readouterr().out.strip().endswith("(5 images)")
-    assert (
-        main(
-            [
-                "sample",
-                str(trained),
-                "--prompt",
-                PROMPTS[0],
-                "--interpolate",
-                "latent",
-                "--frames",
-                "4",
-                "--out",
-                str(tmp_path / "l.png"),
-            ]
-        )
-        == 0
-    )
-    assert capsys.readouterr().out.strip().endswith("(4 images)")
-    assert (
-        main(
-            [
-                "sample",
-                str(trained),
-                "--prompt",
-                PROMPTS[0],
-                "--style-mix",
-                "-n",
-                "3",
-                "--out",
-                str(tmp_path / "m.png"),
-            ]
-        )
-        == 0
-    )
-    assert capsys.readouterr().out.strip().endswith("(12 images)")
-    assert (
-        main(
-            [
-                "sample",
-                str(trained),
-                "--prompt",
-                PROMPTS[0],
-                "--interpolate",
-                "prompt",
-                "--out",
-                str(tmp_path / "x.png"),
-            ]
-        )
-        == 2
+        _sample(trained, tmp_path / "x.png", "--prompt", PROMPTS[0], "--interpolate", "prompt") == 2
     )
     _one_line_error(capsys.readouterr().err, "needs exactly two --prompt values")
 
