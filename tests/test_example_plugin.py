@@ -122,8 +122,8 @@ def test_cli_trains_from_a_spec_naming_the_plugin_and_autoload_switch_removes_it
     assert off.returncode == 2
     assert f"error: {spec}: invalid RunSpec spec" in off.stderr
     assert (
-        "unknown dataset kind 'example-checkerboard'; installed dataset kinds: synthetic-shapes"
-        in off.stderr
+        "unknown dataset kind 'example-checkerboard'; installed dataset kinds: "
+        "imagefolder, synthetic-shapes, webdataset" in off.stderr
     )
     listed_off = _cli(["plugins", "--json"], installed_example, GIGAGAN_DISABLE_PLUGIN_AUTOLOAD="1")
     assert "gigagan-example-plugin" not in {

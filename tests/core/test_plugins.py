@@ -24,8 +24,11 @@ from gigagan_core.plugins import (
 )
 from gigagan_core.specs import ComponentSpec
 
+DATASETS = ["imagefolder", "synthetic-shapes", "webdataset"]  # gigagan-train's, sorted
 BUILTIN_KINDS = {
+    ("dataset", "imagefolder"): "gigagan-train",
     ("dataset", "synthetic-shapes"): "gigagan-train",
+    ("dataset", "webdataset"): "gigagan-train",
     ("upsampler", "interpolate"): "gigagan-upsampler",
 }
 
@@ -70,7 +73,7 @@ def test_autoload_switch_keeps_only_builtins(make_distribution, toy_plugin, monk
     assert "acme-toy" in load_registry().kinds("dataset")
     monkeypatch.setenv("GIGAGAN_DISABLE_PLUGIN_AUTOLOAD", "1")
     registry = load_registry()
-    assert registry.kinds("dataset") == ["synthetic-shapes"]
+    assert registry.kinds("dataset") == DATASETS
     assert {dist for _, dist, _ in registry.plugins()} == {
         "gigagan-core",
         "gigagan-losses",
@@ -79,7 +82,7 @@ def test_autoload_switch_keeps_only_builtins(make_distribution, toy_plugin, monk
     }
     # The process-wide registry reads the switch when it (re)loads.
     reset_registry()
-    assert get_registry().kinds("dataset") == ["synthetic-shapes"]
+    assert get_registry().kinds("dataset") == DATASETS
 
 
 def test_allowlist_loads_only_named_third_parties(make_distribution, toy_plugin, monkeypatch):
@@ -90,8 +93,8 @@ def test_allowlist_loads_only_named_third_parties(make_distribution, toy_plugin,
         "zeta-gan", modules={"p_zeta": toy_plugin("zeta-toy")}, entry_points={"zeta": "p_zeta"}
     )
     monkeypatch.setenv("GIGAGAN_PLUGINS", "zeta-gan")  # by distribution name
-    assert load_registry().kinds("dataset") == ["synthetic-shapes", "zeta-toy"]
-    assert load_registry(allow=["acme"]).kinds("dataset") == ["acme-toy", "synthetic-shapes"]
+    assert load_registry().kinds("dataset") == [*DATASETS, "zeta-toy"]
+    assert load_registry(allow=["acme"]).kinds("dataset") == ["acme-toy", *DATASETS]
     with pytest.raises(PluginLoadError) as err:
         load_registry(allow=["acme", "nope-gan"])
     assert str(err.value) == "GIGAGAN_PLUGINS names plugins that are not installed: nope-gan"
@@ -147,7 +150,7 @@ def test_plugin_that_fails_to_import_names_plugin_and_distribution(make_distribu
         "'broken_plugin': ModuleNotFoundError: No module named 'not_a_real_module_xyz'. "
         "Set GIGAGAN_DISABLE_PLUGIN_AUTOLOAD=1 to start without third-party plugins."
     )
-    assert load_registry(autoload=False).kinds("dataset") == ["synthetic-shapes"]
+    assert load_registry(autoload=False).kinds("dataset") == DATASETS
 
 
 def test_hook_that_raises_or_returns_junk_is_a_clear_error(make_distribution):
@@ -230,7 +233,8 @@ def test_unknown_kind_and_role_errors_list_what_is_installed():
     with pytest.raises(UnknownComponentError) as err:
         registry.get("dataset", "laion")
     assert (
-        str(err.value) == "unknown dataset kind 'laion'; installed dataset kinds: synthetic-shapes"
+        str(err.value) == "unknown dataset kind 'laion'; installed dataset kinds: "
+        "imagefolder, synthetic-shapes, webdataset"
     )
     with pytest.raises(UnknownComponentError) as err:
         registry.get("loss", "hinge")
@@ -335,7 +339,8 @@ def test_unknown_kind_says_when_autoload_is_off(make_distribution, toy_plugin, m
         registry.get("dataset", "acme-toy")
     message = str(err.value)
     assert message.startswith(
-        "unknown dataset kind 'acme-toy'; installed dataset kinds: synthetic-shapes. "
+        "unknown dataset kind 'acme-toy'; installed dataset kinds: "
+        "imagefolder, synthetic-shapes, webdataset. "
     )
     assert "autoloading is off (GIGAGAN_DISABLE_PLUGIN_AUTOLOAD is set)" in message
     assert "'acme' (distribution acme-gan 1.0.0)" in message
@@ -376,7 +381,7 @@ def test_off_switch_wins_over_the_allowlist_and_says_so(make_distribution, toy_p
     with pytest.warns(PluginWarning, match="the off switch wins") as caught:
         registry = load_registry()
     assert "GIGAGAN_PLUGINS=zeta-gan" in str(caught[0].message)
-    assert registry.kinds("dataset") == ["synthetic-shapes"]
+    assert registry.kinds("dataset") == DATASETS
 
 
 def test_plugin_errors_share_the_library_base_class_and_keep_their_old_ones():

@@ -31,7 +31,11 @@ def test_unknown_kind_lists_installed_kinds_for_the_role():
     with pytest.raises(ValidationError) as err:
         RunSpec.model_validate({"dataset": {"kind": "laion-2b"}})
     assert _errors(err.value) == [
-        ("dataset", "unknown dataset kind 'laion-2b'; installed dataset kinds: synthetic-shapes")
+        (
+            "dataset",
+            "unknown dataset kind 'laion-2b'; installed dataset kinds: "
+            "imagefolder, synthetic-shapes, webdataset",
+        )
     ]
 
 
@@ -69,7 +73,11 @@ def test_missing_kind_and_wrong_types_are_named():
     with pytest.raises(ValidationError) as err:
         Pipeline.model_validate({"parts": [{"resolution": 8}, 42]})
     assert _errors(err.value) == [
-        ("parts.0", "a dataset spec needs a 'kind'; installed dataset kinds: synthetic-shapes"),
+        (
+            "parts.0",
+            "a dataset spec needs a 'kind'; installed dataset kinds: "
+            "imagefolder, synthetic-shapes, webdataset",
+        ),
         ("parts.1", "expected a dataset spec (a table with a 'kind' key), got int"),
     ]
 
@@ -137,13 +145,22 @@ def test_spec_file_errors_name_the_file(tmp_path: Path):
 def test_json_schema_of_a_role_is_the_union_of_installed_kinds(make_distribution, toy_plugin):
     schema = load_registry(autoload=False).json_schema("dataset")
     assert schema["discriminator"]["propertyName"] == "kind"
-    assert set(schema["discriminator"]["mapping"]) == {"synthetic-shapes"}
+    assert set(schema["discriminator"]["mapping"]) == {
+        "imagefolder",
+        "synthetic-shapes",
+        "webdataset",
+    }
 
     make_distribution(
         "acme-gan", modules={"s_acme": toy_plugin("acme-toy")}, entry_points={"acme": "s_acme"}
     )
     schema = load_registry().json_schema("dataset")
-    assert set(schema["discriminator"]["mapping"]) == {"synthetic-shapes", "acme-toy"}
+    assert set(schema["discriminator"]["mapping"]) == {
+        "imagefolder",
+        "synthetic-shapes",
+        "webdataset",
+        "acme-toy",
+    }
     toy = schema["$defs"]["ToySpec"]
     assert toy["properties"]["size"] == {
         "default": 3,
@@ -178,12 +195,12 @@ def test_run_spec_schema_follows_the_registry_in_use(make_distribution, toy_plug
     )
     with use_registry(load_registry(autoload=False)):
         kinds = RunSpec.model_json_schema()["properties"]["dataset"]["discriminator"]["mapping"]
-        assert set(kinds) == {"synthetic-shapes"}
+        assert set(kinds) == {"imagefolder", "synthetic-shapes", "webdataset"}
         with pytest.raises(ValidationError):
             RunSpec.model_validate({"dataset": {"kind": "acme-toy"}})
     with use_registry(load_registry()):
         kinds = RunSpec.model_json_schema()["properties"]["dataset"]["discriminator"]["mapping"]
-        assert set(kinds) == {"synthetic-shapes", "acme-toy"}
+        assert set(kinds) == {"imagefolder", "synthetic-shapes", "webdataset", "acme-toy"}
         assert (
             RunSpec.model_validate({"dataset": {"kind": "acme-toy", "size": 2}}).dataset.size == 2
         )

@@ -41,7 +41,11 @@ def test_unknown_role_is_an_error_listing_roles(capsys):
 def test_schema_commands_emit_json_schema(capsys):
     assert main(["schema", "--role", "dataset"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert list(schema["discriminator"]["mapping"]) == ["synthetic-shapes"]
+    assert sorted(schema["discriminator"]["mapping"]) == [
+        "imagefolder",
+        "synthetic-shapes",
+        "webdataset",
+    ]
     assert main(["schema", "--run"]) == 0
     run_schema = json.loads(capsys.readouterr().out)
     assert run_schema["title"] == "RunSpec"

@@ -1,12 +1,16 @@
 """Datasets of captioned images, registered under the ``dataset`` role.
 
-Every dataset yields dicts ``{"image": Tensor[c h w] in [-1, 1], "caption": str}``.
+Every dataset yields dicts ``{"image": Tensor[c h w] in [-1, 1], "caption": str,
+"skipped": list[str]}``; ``skipped`` names the unreadable files or samples a dataset passed
+over to produce the item (usually none). :func:`collate_samples` batches them. The
+``imagefolder`` and ``webdataset`` kinds live in :mod:`gigagan_train.folder` and
+:mod:`gigagan_train.shards`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import ClassVar, Literal
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -14,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 
 from gigagan_core.specs import ComponentSpec
 
-__all__ = ["StreamSampler", "SyntheticShapes", "SyntheticShapesSpec"]
+__all__ = ["StreamSampler", "SyntheticShapes", "SyntheticShapesSpec", "collate_samples"]
 
 _COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.86, 0.15, 0.15),
@@ -91,7 +95,20 @@ class SyntheticShapes(Dataset):
         caption = (
             f"{_article(fg_name)} {fg_name} {shape} on {_article(bg_name)} {bg_name} background"
         )
-        return {"image": image, "caption": caption}
+        return {"image": image, "caption": caption, "skipped": []}
+
+
+def collate_samples(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A batch from dataset items: ``{"image": Tensor[b c h w], "caption": list[str],
+    "skipped": list[str]}`` with every item's ``skipped`` names, in order (the DataLoader's
+    ``collate_fn`` for every dataset kind; an item without ``skipped`` counts as none)."""
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    return {
+        "image": torch.stack([item["image"] for item in items]),
+        "caption": [str(item["caption"]) for item in items],
+        "skipped": [name for item in items for name in item.get("skipped", ())],
+    }
 
 
 class StreamSampler(Sampler[int]):
