@@ -7,6 +7,11 @@
 ``gigagan train``      train from a run spec (a file or a preset name); ``--dry-run`` checks it
 ``gigagan sample``     images from a checkpoint's G-EMA: a grid, interpolations, style mixing
 ``gigagan upsample``   upsample images of any size with a trained upsampler, tiled
+``gigagan data pack``  WebDataset tar shards from a captioned image folder
+``gigagan eval``       metrics of a checkpoint's G-EMA: text alignment, FID/KID, CLIP score
+
+Under ``torchrun``, ``gigagan train`` (or ``python -m gigagan_train.cli train``) joins the
+process group torchrun describes and trains with DDP (docs/distributed.md).
 
 A user error (a bad spec, a missing or corrupt file, an unwritable folder) prints one line
 starting with ``error:`` and exits with status 2; ``--debug`` shows the traceback instead.
@@ -210,27 +215,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"wrote {written} to {folder}")
         return 0
 
-    from gigagan_train.trainer import Trainer
-
-    folder = Path(args.out or spec.output_dir or Path("runs") / spec.name)
-    _check_writable(folder)
-    if args.overwrite:
-        if args.resume:
-            raise UserError("--overwrite and --resume contradict each other; pick one")
-        _clear_run_folder(folder)
-    resume: str | bool | None = args.resume
-    trainer = Trainer(spec, args.out, resume=resume, progress=not args.no_progress)
-    start = trainer.state.step
     import time
 
-    began = time.monotonic()
-    state = trainer.fit()
-    seconds = time.monotonic() - began
+    from gigagan_train import distributed
+    from gigagan_train.trainer import Trainer
+
+    if args.overwrite and args.resume:
+        raise UserError("--overwrite and --resume contradict each other; pick one")
+    folder = Path(args.out or spec.output_dir or Path("runs") / spec.name)
+    # under torchrun: join the group (a plain `gigagan train` is rank 0 of 1)
+    group = distributed.init_from_env(spec.device)
+    try:
+        if group.is_main:
+            _check_writable(folder)
+            if args.overwrite:
+                _clear_run_folder(folder)
+        distributed.barrier()  # no rank looks at the folder before rank 0 has cleared it
+        trainer = Trainer(
+            spec,
+            args.out,
+            resume=args.resume,
+            progress=not args.no_progress and group.is_main,
+            rank=group.rank,
+            world_size=group.world_size,
+        )
+        start = trainer.state.step
+        began = time.monotonic()
+        state = trainer.fit()
+        seconds = time.monotonic() - began
+    finally:
+        distributed.destroy()
+    if not group.is_main:
+        return 0
     done = state.step - start
-    rate = done * spec.batch_size / seconds if seconds > 0 else 0.0
+    rate = done * spec.batch_size * group.world_size / seconds if seconds > 0 else 0.0
+    procs = f" on {group.world_size} processes" if group.world_size > 1 else ""
     print(
         f"trained {done} steps (to step {state.step}, {state.images_seen / 1000:.1f} kimg) in "
-        f"{seconds / 60:.1f} min, {rate:.1f} img/s; skipped {state.skipped_steps}"
+        f"{seconds / 60:.1f} min{procs}, {rate:.1f} img/s; skipped {state.skipped_steps}"
     )
     print(f"run folder: {trainer.folder} (samples/, checkpoints/, metrics.jsonl)")
     return 0
@@ -554,6 +576,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="caption of the images (text-conditional upsamplers)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.set_defaults(func=_cmd_upsample)
+
+    from gigagan_train.cli_data import add_data_parser
+
+    add_data_parser(sub, common)
+    from gigagan_train.cli_eval import add_eval_command
+
+    add_eval_command(sub, common)
     return parser
 
 

@@ -22,6 +22,7 @@ from gigagan_core.specs import (
     ComponentSpec,
 )
 from gigagan_train.data import SyntheticShapesSpec
+from gigagan_train.evaluate import EvalSpec
 
 __all__ = [
     "AdamSpec",
@@ -171,6 +172,17 @@ class RunSpec(BaseModel):
     losses: tuple[AnyLoss, ...] = Field((), description="Training objectives, summed by weight.")
     batch_size: Count = Field(8, description="Images per step on each process.")
     num_workers: NonNegative = Field(0, description="DataLoader worker processes.")
+    text_cache: bool = Field(
+        False,
+        description="Encode each caption once with the frozen text encoder and read its "
+        "features from a safetensors file afterwards (datasets that list their captions are "
+        "encoded before training; others as captions first appear, kept in memory).",
+    )
+    text_cache_file: str | None = Field(
+        None,
+        description="Where the text cache lives (default: text_cache.safetensors in the run "
+        "folder); a file written by another encoder is rebuilt.",
+    )
 
     # ---- the loop ------------------------------------------------------------------------
     steps: Count | None = Field(
@@ -212,6 +224,16 @@ class RunSpec(BaseModel):
     tensorboard: bool = Field(
         True, description="Also write TensorBoard events when tensorboard is installed."
     )
+    evaluation: EvalSpec | None = Field(
+        None,
+        description="Metrics computed from G-EMA during training every eval_every steps "
+        "(alignment, FID/KID, CLIP score; see docs/evaluation.md).",
+    )
+    eval_every: Count | None = Field(
+        None,
+        description="Steps between evaluations (needs [evaluation]); null: no evaluation "
+        "during training.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -243,6 +265,13 @@ class RunSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_run(self) -> RunSpec:
+        if self.eval_every is not None and self.evaluation is None:
+            raise ValueError(
+                f"eval_every={self.eval_every} but there is no [evaluation] table saying "
+                "which metrics to compute"
+            )
+        if self.evaluation is not None and self.upsampler is not None:
+            raise ValueError("[evaluation] scores generators; an upsampler run cannot use it")
         if (self.generator is None) == (self.upsampler is None):
             raise ValueError(
                 "a run trains exactly one of generator or upsampler; "

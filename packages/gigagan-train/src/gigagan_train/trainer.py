@@ -18,9 +18,13 @@ is ever written with a non-finite tensor.
 The same loop trains an upsampler: the "fakes" are then the upsampler's output for an
 antialiased downsampling of the real batch, and the real batch is the high-res target.
 
-Process-group awareness is limited to ``rank`` / ``world_size`` and :attr:`is_main`, which
-only guards writing files; every collective a distributed wrapper adds is entered by every
-rank.
+Under ``torchrun`` (``world_size > 1``) the trained networks and the D-side loss modules with
+parameters are wrapped in ``DistributedDataParallel``; each process draws its own slice of
+the global batch and its own latents. Rank 0 alone writes files, but every collective is
+entered by every process in the same order: the NaN guard's decision, the stop decision
+(``max_minutes``, bad data), the data-skip counts, buffer averaging and the checkpoint's RNG
+gathering all happen on every rank, so sampling or saving mid-run cannot deadlock. See
+docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from gigagan_core.frozen import is_frozen, set_trainable, trainable_parameters
 from gigagan_core.specs import dump_spec
 from gigagan_losses.adversarial import lazy_regularization_adam
 from gigagan_losses.base import LossContext
+from gigagan_train import distributed as dist_utils
 from gigagan_train.checkpoint import (
     CHECKPOINT_FORMAT,
     TRAINER_FILE,
@@ -65,11 +70,12 @@ from gigagan_train.checkpoint import (
     write_atomic_folder,
     write_latest,
 )
-from gigagan_train.data import StreamSampler
+from gigagan_train.data import StreamSampler, collate_samples
 from gigagan_train.errors import CheckpointError, RunError, TrainingAbortedError
 from gigagan_train.images import save_grid
 from gigagan_train.run import AssembledRun, _accepts, assemble, run_dir
 from gigagan_train.spec import AdamSpec, RunSpec
+from gigagan_train.textcache import TextFeatureCache, encoder_digest
 
 __all__ = [
     "StepResult",
@@ -85,9 +91,14 @@ log = logging.getLogger(__name__)
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("device = 'cuda' but this machine has no CUDA device; use 'auto' or 'cpu'")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(
+                "device = 'cuda' but this machine has no CUDA device; use 'auto' or 'cpu'"
+            )
+        # the current device: cuda:LOCAL_RANK under torchrun (set when the group is joined)
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
 
@@ -195,6 +206,62 @@ class TrainerState:
     last_sample_step: int = -1
 
 
+class _DataHealth:
+    """Counts the unreadable files the dataset passed over and decides when there are too many.
+
+    A map-style dataset is judged by distinct bad files over its length; a stream by bad
+    samples over samples read, once ``min_read`` have been read. Counts are summed over all
+    processes (and the names gathered when there are new ones), so every rank reaches the
+    same decision at the same step."""
+
+    min_read = 1000
+
+    def __init__(self, dataset: Any, kind: str) -> None:
+        self.kind = kind
+        self.max_fraction = float(getattr(dataset, "max_bad_fraction", 1.0))
+        self.size: int | None = None if _is_iterable(dataset) else len(dataset)
+        self.bad_files: set[str] = set()
+        self.bad_reads = 0
+        self.delivered = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.bad_files) if self.size is not None else self.bad_reads
+
+    def update(self, skipped: Sequence[str], delivered: int) -> list[str]:
+        """Adds one batch's report; returns the names not seen before (all processes)."""
+        new = sorted(set(skipped) - self.bad_files)
+        n_new, n_reads, n_delivered = dist_utils.sum_ints([len(new), len(skipped), delivered])
+        if n_new and self.size is not None:
+            gathered = dist_utils.all_gather_strings(json.dumps(new))
+            new = sorted({name for text in gathered for name in json.loads(text)})
+        self.bad_files.update(new)
+        self.bad_reads += n_reads
+        self.delivered += n_delivered
+        return new
+
+    def fraction(self) -> float:
+        if self.size is not None:
+            return len(self.bad_files) / max(self.size, 1)
+        read = self.bad_reads + self.delivered
+        return self.bad_reads / read if read >= self.min_read else 0.0
+
+    def exceeded(self) -> bool:
+        return self.fraction() > self.max_fraction
+
+    def message(self) -> str:
+        examples = ", ".join(sorted(self.bad_files)[:5])
+        if self.size is not None:
+            what = f"{len(self.bad_files)} of {self.size} files"
+        else:
+            what = f"{self.bad_reads} of {self.bad_reads + self.delivered} samples read"
+        return (
+            f"dataset '{self.kind}': {what} could not be read ({self.fraction():.1%}, more than "
+            f"max_bad_fraction = {self.max_fraction:g}); e.g. {examples or 'on another process'}. "
+            "Fix or remove them, or raise max_bad_fraction in the [dataset] table"
+        )
+
+
 class _Window:
     """Means of the values logged over the steps between two metrics lines."""
 
@@ -269,11 +336,28 @@ class Trainer:
                     "for another folder"
                 )
 
+        if world_size > 1 and not dist_utils.is_distributed():
+            raise RunError(
+                f"world_size={world_size} but no process group is initialised: start "
+                "distributed runs with torchrun (see docs/distributed.md)"
+            )
         seed_everything(spec.seed + rank)
         self.run = run if run is not None else assemble(spec)
         self.G = self.run.model.to(self.device).train()
         self.D = self.run.discriminator.to(self.device).train()
         self.losses = [loss.to(self.device).train() for loss in self.run.losses]
+        # What the loop calls: the networks themselves, or their DDP replicas (whose
+        # construction broadcasts rank 0's weights, so G-EMA below starts equal everywhere).
+        self.G_call: nn.Module = _replicate(self.G, world_size)
+        self.D_call: nn.Module = _replicate(self.D, world_size)
+        self._loss_calls: dict[int, nn.Module] = {
+            id(loss): (
+                _replicate(loss, world_size)
+                if "D" in loss.phases and loss.trainable_parameters()
+                else loss
+            )
+            for loss in self.losses
+        }
         self.G_ema = copy.deepcopy(self.G, memo=_frozen_memo(self.G)).eval()
         set_trainable(self.G_ema, False)
 
@@ -297,6 +381,9 @@ class Trainer:
         self._d_shares_encoder = (
             self._encoder is not None and getattr(self.D, "text_encoder", None) is self._encoder
         )
+        self.text_cache = self._make_text_cache() if spec.text_cache else None
+        if spec.evaluation is not None:  # a missing weights file fails now, not mid-run
+            spec.evaluation.check_files()
         self.autocast_dtype = torch.bfloat16 if spec.precision == "bf16" else None
         self.sample_prompts = self._sample_prompts()
         self._sample_images: Tensor | None = None
@@ -321,6 +408,24 @@ class Trainer:
         ):
             raise CheckpointError(f"{folder}: a checkpoint of a {saved['trains']} run")
 
+    def _make_text_cache(self) -> TextFeatureCache | None:
+        """The run's text-feature cache: built by rank 0 from the dataset's captions when it
+        lists them (the other ranks wait, then read the same file)."""
+        if self._encoder is None:
+            log.warning("text_cache = true, but the model has no frozen text encoder; ignored")
+            return None
+        path = Path(self.spec.text_cache_file or self.folder / "text_cache.safetensors")
+        cache = TextFeatureCache(
+            self._encoder, path, digest=encoder_digest(self._encoder), device=self.device
+        )
+        captions = getattr(self.run.dataset, "captions", None)
+        if callable(captions):
+            if self.is_main:
+                cache.build([str(c) for c in captions()])
+            dist_utils.barrier()
+            cache.reload()
+        return cache
+
     def _warn_about_missing_weights(self) -> None:
         for i, loss in enumerate(self.losses):
             spec = getattr(loss, "spec", None)
@@ -338,23 +443,56 @@ class Trainer:
         sampling = self.spec.sampling
         if sampling.prompts:
             return list(sampling.prompts)
-        dataset = self.run.dataset
-        gen = torch.Generator().manual_seed(self.spec.seed)
-        size = len(dataset)
-        picks = torch.randperm(size, generator=gen)[: sampling.num].tolist()
-        picks = [picks[i % len(picks)] for i in range(sampling.num)]
-        return [str(dataset[i]["caption"]) for i in picks]
+        return [str(item["caption"]) for item in self._first_items(sampling.num)]
 
     # ---- data -----------------------------------------------------------------------------
 
     def _batches(self) -> Iterator[dict[str, Any]]:
+        """The endless stream of this process's batches, from the current data position.
+
+        Map-style datasets go through :class:`StreamSampler` (this rank's slice of each
+        global batch, exact on resume); iterable ones (WebDataset shards) are told their
+        rank and a seed derived from the position and split their shards themselves."""
         dataset = self.run.dataset
+        workers = self.spec.num_workers
+        # its own generator: making the iterator draws a worker base seed, which must not
+        # come from (and shift) the global stream a resume restores
+        generator = torch.Generator().manual_seed(
+            self.spec.seed * 1_000_003 + self.state.data_position + self.rank
+        )
+        if _is_iterable(dataset):
+            configure = getattr(dataset, "configure", None)
+            if callable(configure):
+                configure(
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    seed=self.spec.seed * 1_000_003 + self.state.data_position,
+                )
+            loader = DataLoader(
+                dataset,
+                batch_size=self.spec.batch_size,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                collate_fn=collate_samples,
+                drop_last=True,
+                generator=generator,
+            )
+            while True:  # an iterable that ends (one pass) is started again
+                count = 0
+                for batch in loader:
+                    count += 1
+                    yield batch
+                if count == 0:
+                    raise RunError(
+                        f"dataset kind '{self.spec.dataset.kind}' yielded no complete batch "
+                        f"of {self.spec.batch_size} images"
+                    )
         try:
             size = len(dataset)
         except TypeError as exc:
             raise RunError(
-                f"dataset kind '{self.spec.dataset.kind}' has no length; the loop needs a "
-                "map-style dataset"
+                f"dataset kind '{self.spec.dataset.kind}' has no length and is not an "
+                "IterableDataset; the loop needs one or the other"
             ) from exc
         if size == 0:
             raise RunError(f"dataset kind '{self.spec.dataset.kind}' is empty")
@@ -370,15 +508,33 @@ class Trainer:
             dataset,
             batch_size=self.spec.batch_size,
             sampler=sampler,
-            num_workers=self.spec.num_workers,
-            persistent_workers=self.spec.num_workers > 0,
-            # its own generator: making the iterator draws a worker base seed, which must
-            # not come from (and shift) the global stream a resume restores
-            generator=torch.Generator().manual_seed(
-                self.spec.seed * 1_000_003 + self.state.data_position + self.rank
-            ),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=collate_samples,
+            generator=generator,
         )
         yield from loader
+
+    def _first_items(self, num: int) -> list[dict[str, Any]]:
+        """``num`` items of the dataset for fixed sample prompts / images: drawn by the run's
+        seed from a map-style dataset, the first ones of an iterable stream (seeded)."""
+        dataset = self.run.dataset
+        if _is_iterable(dataset):
+            configure = getattr(dataset, "configure", None)
+            if callable(configure):
+                configure(rank=0, world_size=1, seed=self.spec.seed)
+            items: list[dict[str, Any]] = []
+            for item in dataset:
+                items.append(item)
+                if len(items) == num:
+                    break
+            if not items:
+                raise RunError(f"dataset kind '{self.spec.dataset.kind}' yielded no sample")
+            return [items[i % len(items)] for i in range(num)]
+        gen = torch.Generator().manual_seed(self.spec.seed)
+        size = len(dataset)
+        picks = torch.randperm(size, generator=gen)[:num].tolist()
+        return [dataset[picks[i % len(picks)]] for i in range(num)]
 
     # ---- the pieces of a step ---------------------------------------------------------------
 
@@ -396,9 +552,9 @@ class Trainer:
             kwargs["update_w_avg"] = track_w_avg
         text = micro.features if micro.features is not None else micro.texts
         if self.spec.trains_upsampler:
-            return _pyramid(self.G(self._low_res(micro.real), text, **kwargs))
+            return _pyramid(self.G_call(self._low_res(micro.real), text, **kwargs))
         z = torch.randn(micro.real.shape[0], self.G.z_dim, device=self.device)
-        return _pyramid(self.G(z, text, **kwargs))
+        return _pyramid(self.G_call(z, text, **kwargs))
 
     @torch.no_grad()
     def _micro_batches(self, batch: dict[str, Any]) -> list[_Micro]:
@@ -412,7 +568,9 @@ class Trainer:
         for k in range(chunks):
             texts = captions[k * size : (k + 1) * size] if captions is not None else None
             features = None
-            if texts is not None and self._encoder is not None:
+            if texts is not None and self.text_cache is not None:
+                features = self.text_cache(texts)
+            elif texts is not None and self._encoder is not None:
                 features = self._encoder(texts)
             out.append(_Micro(real_all[k * size : (k + 1) * size], texts, features))
         return out
@@ -425,7 +583,7 @@ class Trainer:
         for loss in losses:
             if not loss.active(ctx):
                 continue
-            terms = loss(ctx)
+            terms = self._loss_calls.get(id(loss), loss)(ctx)
             for name, value in terms.items():
                 key = f"{phase}/{name}"
                 named[key] = named[key] + value if key in named else value
@@ -433,6 +591,19 @@ class Trainer:
                 part = loss.weight * torch.stack([v.float() for v in terms.values()]).sum()
                 total = part if total is None else total + part
         return total, named
+
+    def _sync_context(self, phase: str, last: bool) -> contextlib.ExitStack:
+        """DDP's gradient sync for one micro-batch: the replicas this phase trains sync on
+        the last micro-batch only (accumulation); the others never do (their parameters take
+        no gradient in this phase, so a prepared reducer would wait for them forever)."""
+        stack = contextlib.ExitStack()
+        d_side = [self.D_call, *(self._loss_calls[id(loss)] for loss in self.d_side_modules)]
+        trained = d_side if phase == "D" else [self.G_call]
+        others = [self.G_call] if phase == "D" else d_side
+        for module in [*others, *([] if last else trained)]:
+            if isinstance(module, nn.parallel.DistributedDataParallel):
+                stack.enter_context(module.no_sync())
+        return stack
 
     def _phase(
         self,
@@ -448,47 +619,65 @@ class Trainer:
         fakes: list[list[Tensor]] | None = None,
         autocast: bool = True,
     ) -> list[list[Tensor]]:
-        """One optimiser update over the micro-batches; returns the fakes it used."""
+        """One optimiser update over the micro-batches; returns the fakes it used.
+
+        With several processes, whether a term is non-finite is agreed before any backward
+        (one tiny collective), so a skip on one rank is a skip on every rank and no rank is
+        left waiting in DDP's gradient all-reduce."""
         optimizer.zero_grad(set_to_none=True)
         used: list[list[Tensor]] = []
         bad: str | None = None
         sums: dict[str, float] = {}
+        distributed = self.world_size > 1
         for k, part in enumerate(micro):
-            with self._autocast() if autocast else contextlib.nullcontext():
-                if fakes is not None:
-                    fake = fakes[k]
-                elif phase == "D":
-                    with torch.no_grad():
-                        fake = self._fakes(part, track_w_avg=False)
-                else:
-                    fake = self._fakes(part, track_w_avg=True)
-                ctx = LossContext(
-                    phase=phase,  # type: ignore[arg-type]
-                    step=self.state.step,
-                    real=part.real,
-                    texts=part.texts,
-                    generator=self.G,
-                    discriminator=self.D,
-                    fake_pyramid=fake,
-                    text_features=part.features if self._d_shares_encoder else None,
-                )
-                active = [loss for loss in losses if loss.active(ctx)]
-                passes = [
-                    name
-                    for loss in active
-                    for name in getattr(loss, "discriminator_passes", lambda _: ())(ctx)
-                ]
-                if passes:  # every discriminator output this phase reads, in one call
-                    ctx.prefetch(*passes)
-                total, named = self._terms(active, ctx, label)
-            used.append([x.detach() for x in fake])
-            if total is None:
-                continue
-            values = torch.stack([v.detach().float() for v in named.values()])
-            if not bool(torch.isfinite(values).all()):
-                bad = next(n for n, v in named.items() if not torch.isfinite(v.detach()).all())
-                break
-            (total / len(micro)).backward()
+            with self._sync_context(phase, last=k == len(micro) - 1):
+                with self._autocast() if autocast else contextlib.nullcontext():
+                    if fakes is not None:
+                        fake = fakes[k]
+                    elif phase == "D":
+                        with torch.no_grad():
+                            fake = self._fakes(part, track_w_avg=False)
+                    else:
+                        fake = self._fakes(part, track_w_avg=True)
+                    ctx = LossContext(
+                        phase=phase,  # type: ignore[arg-type]
+                        step=self.state.step,
+                        real=part.real,
+                        texts=part.texts,
+                        generator=self.G,
+                        discriminator=self.D_call,
+                        fake_pyramid=fake,
+                        text_features=part.features if self._d_shares_encoder else None,
+                    )
+                    active = [loss for loss in losses if loss.active(ctx)]
+                    passes = [
+                        name
+                        for loss in active
+                        for name in getattr(loss, "discriminator_passes", lambda _: ())(ctx)
+                    ]
+                    if passes:  # every discriminator output this phase reads, in one call
+                        ctx.prefetch(*passes)
+                    total, named = self._terms(active, ctx, label)
+                used.append([x.detach() for x in fake])
+                if total is None:
+                    continue
+                values = torch.stack([v.detach().float() for v in named.values()])
+                finite = bool(torch.isfinite(values).all())
+                if distributed:
+                    (elsewhere,) = dist_utils.any_true([not finite])
+                    if elsewhere and finite:
+                        bad = f"{label} (a term on another process)"
+                        break
+                if not finite:
+                    bad = next(n for n, v in named.items() if not torch.isfinite(v.detach()).all())
+                    break
+                if distributed:
+                    # StyleGAN2's zero-times trick, on the parameters themselves: every
+                    # parameter the replicas own takes part in every backward (R1's double
+                    # backward leaves output biases without a gradient), so DDP's reducer
+                    # never waits for one. Adds exactly zero to each gradient.
+                    total = total + 0.0 * sum(p.sum() for p in params)
+                (total / len(micro)).backward()
             for name, value in named.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / len(micro)
             sums[f"{label}/total"] = sums.get(f"{label}/total", 0.0) + float(total.detach()) / len(
@@ -585,6 +774,9 @@ class Trainer:
             result,
             label="G",
         )
+        # w_avg (and any running buffer) was updated from this process's slice of the batch:
+        # average it so every replica holds the global batch's value
+        dist_utils.mean_buffers(self.G)
         if len(result.skipped) == skipped_before:
             self._update_ema()
         set_trainable(self.D, True)
@@ -616,11 +808,25 @@ class Trainer:
         window = _Window()
         bar = self._progress_bar()
         batches = self._batches()
+        health = _DataHealth(self.run.dataset, self.spec.dataset.kind)
         stopped_early = False
         try:
             while self.state.step < self.total_steps:
-                batch = next(batches)
+                batch = _next_batch(batches)
+                skipped = list(batch.get("skipped", ()))
+                new_bad = health.update(skipped, len(batch["caption"]))
+                if new_bad and self.is_main:
+                    log.warning(
+                        "skipped %d unreadable file(s): %s%s",
+                        len(new_bad),
+                        ", ".join(new_bad[:5]),
+                        " ..." if len(new_bad) > 5 else "",
+                    )
+                if health.exceeded():
+                    raise TrainingAbortedError(health.message())
                 result = self.train_step(batch)
+                if health.count:
+                    result.values["data/skipped_files"] = float(health.count)
                 window.add(result)
                 window_steps += 1
                 step = self.state.step
@@ -645,10 +851,15 @@ class Trainer:
                     bar.update(1)
                 if step % spec.sample_every == 0:
                     self.write_samples()
+                if spec.eval_every is not None and step % spec.eval_every == 0:
+                    self.evaluate()
                 if step % spec.checkpoint_every == 0:
                     self.save_checkpoint()
                 elapsed = (time.monotonic() - start_time) / 60
-                if spec.max_minutes is not None and elapsed >= spec.max_minutes:
+                time_up = spec.max_minutes is not None and elapsed >= spec.max_minutes
+                if self.world_size > 1:  # one clock decides for all processes
+                    (time_up,) = dist_utils.any_true([time_up])
+                if time_up:
                     log.warning(
                         "max_minutes=%s reached after %d steps; stopping",
                         spec.max_minutes,
@@ -761,6 +972,29 @@ class Trainer:
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return path
 
+    def evaluate(self) -> dict[str, Any] | None:
+        """Score G-EMA by the spec's ``[evaluation]`` (rank 0; no collective inside): the
+        result goes to ``evals/step-N.json``, its headline numbers to metrics.jsonl
+        (``eval/...``) and TensorBoard."""
+        if self.spec.evaluation is None or not self.is_main:
+            return None
+        from gigagan_train.evaluate import evaluate_generator, scalar_metrics
+
+        result = evaluate_generator(
+            self.G_ema,
+            self.spec.dataset,
+            self.spec.evaluation,
+            device=self.device,
+            step=self.state.step,
+            data=self.run.dataset,
+        )
+        folder = self.folder / "evals"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{step_folder_name(self.state.step)}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        self._log(StepResult(values=scalar_metrics(result)))
+        return result
+
     def _generator_grid(self) -> tuple[Tensor, list[str] | None, int]:
         sampling = self.spec.sampling
         prompts = self.sample_prompts
@@ -777,10 +1011,9 @@ class Trainer:
 
     def _upsampler_grid(self) -> tuple[Tensor, list[str] | None, int]:
         if self._sample_images is None:
-            dataset = self.run.dataset
-            gen = torch.Generator().manual_seed(self.spec.seed)
-            picks = torch.randperm(len(dataset), generator=gen)[: min(8, len(dataset))].tolist()
-            items = [dataset[i] for i in picks]
+            items = self._first_items(8)
+            if not _is_iterable(self.run.dataset):
+                items = items[: len(self.run.dataset)]
             self._sample_images = torch.stack([item["image"] for item in items])
             self._sample_captions = [str(item["caption"]) for item in items]
         high = self._sample_images.to(self.device)
@@ -807,8 +1040,25 @@ class Trainer:
         Refuses (raises :class:`CheckpointError`, writing nothing) when any tensor is NaN or
         infinite, so a saved checkpoint is always one to resume from."""
         self.state.last_checkpoint_step = self.state.step
-        if not self.is_main:
-            return None
+        # collectives first, on every rank: each process's RNG states (a resume on the same
+        # number of processes restores every one of them) and a digest of each replica
+        cpu_states = dist_utils.all_gather_tensor(torch.get_rng_state())
+        cuda_states: list[Tensor] = []
+        if self.world_size > 1 and self.device.type == "cuda":
+            cuda_states = dist_utils.all_gather_tensor(torch.cuda.get_rng_state(self.device))
+        python_states = dist_utils.all_gather_strings(json.dumps(_python_rng_state()))
+        replicas: dict[str, list[str]] = {}
+        if self.world_size > 1:
+            for name, module in (("G", self.G), ("D", self.D)):
+                replicas[name] = dist_utils.all_gather_strings(dist_utils.module_digest(module))
+                if len(set(replicas[name])) > 1:
+                    log.error(
+                        "step %d: the %s replicas differ between processes (digests %s); "
+                        "the checkpoint keeps rank 0's",
+                        self.state.step,
+                        name,
+                        replicas[name],
+                    )
         root = self.folder / "checkpoints"
         named: list[tuple[str, Tensor]] = []
         for prefix, module in self._modules_to_save().items():
@@ -824,6 +1074,8 @@ class Trainer:
                 f"in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the previous "
                 "checkpoint is kept"
             )
+        if not self.is_main:
+            return None
         trainer = {
             "format": CHECKPOINT_FORMAT,
             "trains": "upsampler" if self.spec.trains_upsampler else "generator",
@@ -835,11 +1087,17 @@ class Trainer:
             "consecutive_skips": self.state.consecutive_skips,
             "skipped_steps": self.state.skipped_steps,
             "python_rng": _python_rng_state(),
+            "python_rng_ranks": [json.loads(text) for text in python_states[1:]],
+            "replicas": replicas,
             "sample_prompts": self.sample_prompts,
             "time": time.time(),
         }
-        rng: dict[str, Tensor] = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng: dict[str, Tensor] = {"torch_cpu": cpu_states[0]}
+        for r, state in enumerate(cpu_states[1:], start=1):
+            rng[f"rank{r}.torch_cpu"] = state
+        for r, state in enumerate(cuda_states):
+            rng[f"rank{r}.torch_cuda"] = state
+        if self.world_size == 1 and torch.cuda.is_available() and torch.cuda.is_initialized():
             for i, state in enumerate(torch.cuda.get_rng_state_all()):
                 rng[f"torch_cuda_{i}"] = state
         losses_state = {
@@ -884,11 +1142,23 @@ class Trainer:
                     v.copy_(own[k])
         load_optimizer_state({"G": self.opt_G, "D": self.opt_D}, folder)
         rng = load_file(str(folder / "rng.safetensors"))
-        torch.set_rng_state(rng["torch_cpu"])
+        saved_world = int(saved.get("world_size", 1))
+        r = self.rank
+        if saved_world == self.world_size and r > 0:
+            # the same number of processes: each one continues its own random streams
+            torch.set_rng_state(rng[f"rank{r}.torch_cpu"])
+            _set_python_rng_state(saved["python_rng_ranks"][r - 1])
+        else:
+            torch.set_rng_state(rng["torch_cpu"])
+            _set_python_rng_state(saved["python_rng"])
+        if self.device.type == "cuda" and f"rank{r}.torch_cuda" in rng:
+            torch.cuda.set_rng_state(rng[f"rank{r}.torch_cuda"], self.device)
         cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-        if cuda_states and torch.cuda.is_available():
+        if cuda_states and torch.cuda.is_available() and self.world_size == 1:
             torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-        _set_python_rng_state(saved["python_rng"])
+        if saved_world != self.world_size and self.world_size > 1:
+            # another number of processes: no saved stream per rank; give each its own
+            seed_everything(self.spec.seed + 1_000_003 * int(saved["step"]) + r)
         self.state = TrainerState(
             step=int(saved["step"]),
             images_seen=int(saved["images_seen"]),
@@ -900,14 +1170,59 @@ class Trainer:
         )
         if saved.get("sample_prompts") is not None:
             self.sample_prompts = list(saved["sample_prompts"])
-        if int(saved.get("world_size", 1)) != self.world_size:
+        if saved_world != self.world_size and self.is_main:
             log.warning(
-                "resuming a checkpoint written by %s processes with %s: the data order "
-                "continues from the same position but batches are split differently",
-                saved.get("world_size"),
+                "resuming a checkpoint written by %s process(es) with %s: training continues "
+                "from the same data position, but the batches are split differently and the "
+                "latents are drawn from new streams, so the run is not the one it would have "
+                "been on %s",
+                saved_world,
                 self.world_size,
+                saved_world,
             )
         log.info("resumed from %s at step %d", folder, self.state.step)
+
+
+def _next_batch(batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """The next batch; a library error raised in a DataLoader worker comes back wrapped in
+    "Caught RunError in DataLoader worker process 0 ..." with the traceback: re-raise it
+    with its own message."""
+    try:
+        return next(batches)
+    except RunError as err:
+        text = str(err).strip()
+        if not text.startswith("Caught "):
+            raise
+        last = text.splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
+        raise type(err)(message) from err
+
+
+def _is_iterable(dataset: Any) -> bool:
+    return isinstance(dataset, torch.utils.data.IterableDataset)
+
+
+class _Replica(nn.parallel.DistributedDataParallel):
+    """DDP whose other attributes fall through to the wrapped module, so the loop and the
+    losses keep reading ``G.z_dim``, ``D.encode_text``, ``D.conditional`` ... as before."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
+def _replicate(module: nn.Module, world_size: int) -> nn.Module:
+    """``module`` as a DDP replica in a multi-process run (itself otherwise).
+
+    Buffers are not broadcast at every forward (``broadcast_buffers=False``): the loop
+    averages them after each step instead, which keeps every process's contribution."""
+    if world_size <= 1:
+        return module
+    return _Replica(module, broadcast_buffers=False, find_unused_parameters=False)
 
 
 def seed_everything(seed: int) -> None:
