@@ -34,3 +34,10 @@ def test_images_use_exactly_the_two_captioned_colours():
 def test_index_out_of_range():
     with pytest.raises(IndexError, match="index 3 out of range for 3 samples"):
         SyntheticShapes(8, size=3)[3]
+
+
+def test_synthetic_shapes_list_their_captions_in_index_order():
+    from gigagan_train.data import SyntheticShapes
+
+    data = SyntheticShapes(resolution=8, size=30, seed=3)
+    assert data.captions() == [data[i]["caption"] for i in range(30)]

@@ -69,7 +69,8 @@ class SyntheticShapes(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> dict[str, object]:
+    def _layout(self, index: int) -> tuple[str, str, str, float, float, float]:
+        """Sample ``index``'s foreground and background colour names, shape, centre, size."""
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} samples")
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
@@ -78,6 +79,19 @@ class SyntheticShapes(Dataset):
         shape = _SHAPES[int(torch.randint(len(_SHAPES), (), generator=gen))]
         cx, cy = (torch.rand(2, generator=gen) * 0.8 - 0.4).tolist()
         r = float(torch.rand((), generator=gen) * 0.3 + 0.3)
+        return names[fg_i], names[bg_i], shape, cx, cy, r
+
+    @staticmethod
+    def _caption(fg_name: str, bg_name: str, shape: str) -> str:
+        return f"{_article(fg_name)} {fg_name} {shape} on {_article(bg_name)} {bg_name} background"
+
+    def captions(self) -> list[str]:
+        """Every sample's caption, in index order, without drawing the images (for the
+        text-feature cache)."""
+        return [self._caption(*self._layout(i)[:3]) for i in range(self.size)]
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        fg_name, bg_name, shape, cx, cy, r = self._layout(index)
         dx, dy = self._x - cx, self._y - cy
         if shape == "circle":
             mask = dx.square() + dy.square() <= r * r
@@ -88,13 +102,10 @@ class SyntheticShapes(Dataset):
             mask = (dx.abs() <= r * 0.85) & (dy.abs() <= r * 0.85)
         else:  # upward triangle: below the two slanted edges, above the base
             mask = (dy <= r * 0.8) & (dy >= -r + 2 * dx.abs())
-        fg = torch.tensor(_COLOURS[names[fg_i]]).view(3, 1, 1)
-        bg = torch.tensor(_COLOURS[names[bg_i]]).view(3, 1, 1)
+        fg = torch.tensor(_COLOURS[fg_name]).view(3, 1, 1)
+        bg = torch.tensor(_COLOURS[bg_name]).view(3, 1, 1)
         image = torch.where(mask, fg, bg) * 2 - 1
-        fg_name, bg_name = names[fg_i], names[bg_i]
-        caption = (
-            f"{_article(fg_name)} {fg_name} {shape} on {_article(bg_name)} {bg_name} background"
-        )
+        caption = self._caption(fg_name, bg_name, shape)
         return {"image": image, "caption": caption, "skipped": []}
 
 
