@@ -11,7 +11,10 @@ per measurement reports:
 - training throughput: one G step (G forward, D on the fake pyramid, backward) plus one D
   step (D on real and detached fake, backward), in images/s;
 - the fused/reference ratio: the same generator with ``fused=False`` (per-sample conv loop,
-  explicit attention matrices) timed in the same process, alternating rounds.
+  explicit attention matrices) timed in the same process, alternating rounds;
+- the fast-path ratio: the same training step with every :class:`AdaptiveConv2d` forced onto
+  its ``"grouped"`` path (per-sample weights, one grouped conv) over the default ``"auto"``
+  (the cheaper of ``"grouped"`` and ``"bank"`` per layer), alternating rounds, CPU time.
 
 ``paper-64`` is built on the meta device for its parameter count, printed as a ratio to the
 paper's 652.5M.
@@ -93,7 +96,7 @@ def worker(preset: str, what: str, rounds: int) -> dict[str, float]:
             times["fused"]
         )
         return out
-    if what == "train":
+    if what in ("train", "paths"):
         g.train()
         d.train()
         real = torch.rand(BATCH, 3, g.resolution, g.resolution) * 2 - 1
@@ -113,6 +116,8 @@ def worker(preset: str, what: str, rounds: int) -> dict[str, float]:
             d.zero_grad(set_to_none=True)
 
         step()
+        if what == "paths":
+            return _fast_path_ratio(step, [g, d], rounds)
         times = []
         for _ in range(rounds):
             t0 = time.perf_counter()
@@ -121,6 +126,23 @@ def worker(preset: str, what: str, rounds: int) -> dict[str, float]:
         out["train_images_per_s"] = BATCH / statistics.median(times)
         return out
     raise ValueError(what)
+
+
+def _fast_path_ratio(step, models, rounds: int) -> dict[str, float]:
+    """CPU time of ``step`` with every AdaptiveConv2d on "grouped" over "auto", interleaved."""
+    from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, AdaptiveConv2d)]
+    times: dict[str, list[float]] = {"grouped": [], "auto": []}
+    for i in range(max(rounds, 2)):
+        order = ("grouped", "auto") if i % 2 == 0 else ("auto", "grouped")
+        for path in order:
+            for layer in layers:
+                layer.fast_path = path
+            t0 = time.process_time()
+            step()
+            times[path].append(time.process_time() - t0)
+    return {"grouped_over_auto": min(times["grouped"]) / min(times["auto"])}
 
 
 def _run(preset: str, what: str, rounds: int) -> dict[str, float]:
@@ -158,18 +180,19 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}")
     header = (
         f"{'preset':<10} {'G params':>10} {'D params':>10} {'text (frozen)':>14} "
-        f"{'infer img/s':>12} {'train img/s':>12} {'peak MiB':>9} {'ref/fused':>10}"
+        f"{'infer img/s':>12} {'train img/s':>12} {'peak MiB':>9} {'ref/fused':>10} "
+        f"{'grouped/auto train':>19}"
     )
     print(header)
     for preset in args.presets:
         row: dict[str, float] = {}
-        for what in ("size", "memory", "speed", "train"):
+        for what in ("size", "memory", "speed", "train", "paths"):
             row.update(_run(preset, what, args.rounds))
         print(
             f"{preset:<10} {row['g_params']:>10,.0f} {row['d_params']:>10,.0f} "
             f"{row['text_params']:>14,.0f} {row['infer_images_per_s']:>12.1f} "
             f"{row['train_images_per_s']:>12.1f} {row['peak_mib']:>9.0f} "
-            f"{row['reference_over_fused']:>9.2f}x"
+            f"{row['reference_over_fused']:>9.2f}x {row['grouped_over_auto']:>18.2f}x"
         )
     paper = paper_scale()
     print(

@@ -16,6 +16,23 @@ always runs at the output resolution. Both directions use the separable binomial
 
 Both are written as depthwise (transposed) convolutions, so they work in every float dtype,
 under autocast, and support double backward (needed by R1 / path-length penalties).
+
+Fast paths (``fused=True``). Two exact forms of the same layer, picked per call:
+
+- ``"grouped"`` (GigaGAN's efficient form): build the per-sample weights ``b o i k k`` and run
+  one grouped convolution over the batch (a batched matmul for 1x1 kernels). Its cost beyond
+  the convolution grows with ``b o i k k``, whatever the resolution.
+- ``"bank"`` (StyleGAN2's non-fused modulated conv, generalised to a bank): since
+  ``conv(x, sum_n a_n K_n * s * d) = d * sum_n conv(a_n s x, K_n)``, scale the input by
+  ``a_n s`` (``b (n i) h w``), run one ordinary convolution with the bank laid side by side
+  (``o (n i) k k``), and scale the output by the demodulation ``d`` (``b o``). No per-sample
+  weights exist; ``d = rsqrt(sum_i s_i^2 sum_nm a_n a_m G_nm[o, i] + eps)`` comes from the
+  bank's Gram terms ``G_nm[o, i] = sum_kk K_n[o, i] K_m[o, i]``, which do not depend on the
+  batch. It costs ``N`` times the convolution's multiply-adds plus elementwise passes over the
+  activations, so it wins for small images, small ``N`` and large channel counts.
+
+``fast_path="auto"`` compares the two with :func:`fast_path_costs` (a count of multiply-adds
+and elementwise passes, calibrated on a CPU; see ``benchmarks/bench_adaptive_conv.py``).
 """
 
 from __future__ import annotations
@@ -33,11 +50,54 @@ from gigagan_core.layers.checks import check_tensor
 from gigagan_core.layers.equalized import EqualizedLinear, bias_act
 from gigagan_core.specs import ComponentSpec
 
-__all__ = ["AdaptiveConv2d", "AdaptiveConv2dSpec", "NoiseMode"]
+__all__ = ["AdaptiveConv2d", "AdaptiveConv2dSpec", "FastPath", "NoiseMode", "fast_path_costs"]
 
 NoiseMode = Literal["random", "none"]
+FastPath = Literal["auto", "grouped", "bank"]
+_FAST_PATHS = ("auto", "grouped", "bank")
 _ACTIVATIONS = ("lrelu", "linear")
 _DEMOD_EPS = 1e-8
+
+# Cost of touching one element in an elementwise pass, in multiply-adds of a convolution
+# (forward and backward together), measured with one thread on a 2-core x86 CPU: per-sample
+# weights take about 8 passes (mix, scale, their backward), activations about 3.
+_WEIGHT_ELEMENT_COST = 400.0
+_ACTIVATION_ELEMENT_COST = 150.0
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is laid out ``b h w c`` (and not also plainly contiguous)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def fast_path_costs(
+    *,
+    batch: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    num_kernels: int,
+    pixels: int,
+    demodulate: bool,
+) -> dict[str, float]:
+    """Estimated cost of the two fast paths of :class:`AdaptiveConv2d`, in multiply-adds.
+
+    ``pixels`` is ``h w`` of the convolution's input (after resampling). ``"grouped"`` pays
+    the convolution once plus its per-sample weights (``b o i k k`` elements); ``"bank"``
+    pays the convolution ``N`` times, elementwise passes over its stacked input
+    (``b (n i) h w``) and output, and, when demodulating, the Gram terms of the bank (or the
+    per-sample kernels, whichever is smaller).
+    """
+    taps = kernel_size * kernel_size
+    macs = batch * out_channels * in_channels * taps * pixels
+    weights = batch * out_channels * in_channels * taps
+    grouped = macs + _WEIGHT_ELEMENT_COST * weights
+    activations = batch * pixels * (num_kernels * in_channels + out_channels)
+    bank = num_kernels * macs + _ACTIVATION_ELEMENT_COST * activations
+    if demodulate:
+        pairs = num_kernels * (num_kernels + 1) // 2
+        bank += _ACTIVATION_ELEMENT_COST * min(pairs, batch) * out_channels * in_channels * taps
+    return {"grouped": float(grouped), "bank": float(bank)}
 
 
 class AdaptiveConv2dSpec(ComponentSpec):
@@ -119,17 +179,24 @@ class AdaptiveConv2d(nn.Module):
     With ``num_kernels=1`` or ``kernel_selection=False`` (uniform weights ``1 / N``), this is
     StyleGAN2's modulated convolution of the (mean) kernel.
 
-    ``fused=True`` folds the batch into the channel axis and runs one grouped convolution;
+    ``fused=True`` runs one convolution for the whole batch, in one of two exact forms
+    (``fast_path``: ``"grouped"`` folds the batch into the channel axis with per-sample
+    weights, ``"bank"`` scales the input and demodulates the output around one convolution
+    with the whole bank; ``"auto"`` picks the cheaper per call, see the module docstring);
     ``fused=False`` loops over samples with a plain ``F.conv2d`` each and is kept as the
-    reference. The per-sample weights (selection, modulation, demodulation) are always
-    computed in at least float32, also under autocast; only the convolutions (resampling
-    included) follow autocast. See the module docstring for the resampling scheme.
+    reference. ``fast_path`` is a plain attribute, not a hyperparameter (no spec field, no
+    state): set it on a built layer to force one form. The per-sample coefficients
+    (selection, modulation, demodulation) are always computed in at least float32, also
+    under autocast; only the convolutions (resampling included) and the scaling of their
+    inputs and outputs follow autocast. See the module docstring for the resampling scheme.
 
     Noise (``noise=True``): ``forward``'s ``noise`` argument takes an explicit map
     broadcastable to ``b 1 h' w'`` (e.g. a fixed map for reproducible inference); without
     one, ``noise_mode="random"`` draws fresh N(0, 1) noise and ``noise_mode="none"`` adds
     nothing. The strength starts at 0, so noise has no effect until it is trained.
     """
+
+    fast_path: FastPath = "auto"
 
     def __init__(
         self,
@@ -248,14 +315,81 @@ class AdaptiveConv2d(nn.Module):
         Computed in at least float32 whatever the autocast state, because the demodulation's
         sum of squares loses most of its precision in bfloat16 / float16.
         """
-        kernels = self.kernels(w)
-        s = self.styles(w)
-        with torch.autocast(kernels.device.type, enabled=False):
-            weights = kernels * s[:, None, :, None, None]
+        return self._per_sample_weights(self.selection_weights(w), self.styles(w))
+
+    def _per_sample_weights(self, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        # W'' = K * (s d): the demodulation d comes from the Gram terms (or from K itself),
+        # so the b o i k k tensor is touched by one scaling pass instead of five.
+        with torch.autocast(a.device.type, enabled=False):
+            bank = self.effective_weight().to(a.dtype)
+            n, o, i, k, _ = bank.shape
+            b = a.shape[0]
+            if n == 1:
+                kernels = bank[0].expand(b, o, i, k, k)  # a == 1 exactly: skip the mix
+            else:
+                kernels = (a @ bank.reshape(n, -1)).view(b, o, i, k, k)
+            scale = s[:, None, :]
             if self.demodulate:
-                norm2 = weights.square().sum(dim=(2, 3, 4), keepdim=True)
-                weights = weights * torch.rsqrt(norm2 + _DEMOD_EPS)
-        return weights
+                scale = scale * self._demodulation(a, s, bank, kernels)[:, :, None]
+            return kernels * scale[..., None, None]
+
+    def _demodulation(
+        self,
+        a: torch.Tensor,
+        s: torch.Tensor,
+        bank: torch.Tensor,
+        kernels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``d = rsqrt(sum_{i,kk} (sum_n a_n K_n s)^2 + eps)``: ``b o``, without ``b o i k k``.
+
+        ``sum_i s_i^2 sum_nm a_n a_m G_nm[o, i]`` with the batch-free Gram terms
+        ``G_nm = sum_kk K_n K_m`` (``N (N + 1) / 2`` of them); when there are more of those
+        than samples, the per-sample kernels ``kernels`` (``b o i k k``, built if not given)
+        are cheaper and used instead.
+        """
+        n, o, i = bank.shape[:3]
+        b = a.shape[0]
+        flat = bank.reshape(n, o, i, -1)
+        q = s.square()
+        pairs = [(p, r) for p in range(n) for r in range(p, n)]
+        if n == 1:
+            norm2 = q @ flat[0].square().sum(dim=-1).T
+        elif len(pairs) <= b:
+            kernel_list = flat.unbind(0)
+            gram = torch.stack([(kernel_list[p] * kernel_list[r]).sum(dim=-1) for p, r in pairs])
+            per_pair = (q @ gram.reshape(-1, i).T).view(b, len(pairs), o)
+            coef = torch.stack([a[:, p] * a[:, r] * (1 + (p != r)) for p, r in pairs], dim=1)
+            norm2 = (per_pair * coef[:, :, None]).sum(dim=1)
+        else:
+            if kernels is None:
+                kernels = (a @ bank.reshape(n, -1)).view(b, o, i, -1)
+            norm2 = (kernels.reshape(b, o, i, -1).square().sum(dim=-1) @ q[:, :, None])[..., 0]
+        return torch.rsqrt(norm2 + _DEMOD_EPS)
+
+    def choose_fast_path(
+        self, batch: int, height: int, width: int, fast_path: FastPath | None = None
+    ) -> Literal["grouped", "bank"]:
+        """The fast path a fused call on a ``batch c_in height width`` input takes.
+
+        ``fast_path`` overrides the layer's setting; ``"auto"`` compares
+        :func:`fast_path_costs` for these shapes.
+        """
+        requested = self.fast_path if fast_path is None else fast_path
+        if requested not in _FAST_PATHS:
+            raise ValueError(f"unknown fast_path '{requested}'; expected one of {_FAST_PATHS}")
+        if requested != "auto":
+            return requested
+        pixels = height * width * self.up * self.up // (self.down * self.down)
+        costs = fast_path_costs(
+            batch=batch,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            kernel_size=self.kernel_size,
+            num_kernels=self.num_kernels,
+            pixels=pixels,
+            demodulate=self.demodulate,
+        )
+        return "bank" if costs["bank"] < costs["grouped"] else "grouped"
 
     # ---- forward ------------------------------------------------------------------------
 
@@ -270,17 +404,52 @@ class AdaptiveConv2d(nn.Module):
             return F.conv_transpose2d(x, (f * 4).expand(c, 1, 4, 4), stride=2, padding=3, groups=c)
         return F.conv2d(x, f.expand(c, 1, 4, 4), stride=2, groups=c)
 
-    def _conv_fused(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _conv_grouped(self, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
+        weights = self._per_sample_weights(a, s).to(x.dtype)
         x = self._resample(x)
         h, w = x.shape[2:]
+        if self.kernel_size == 1:
+            # A grouped 1x1 convolution is a batched matmul (CPU backends would run it group by
+            # group), taken in the input's memory format so that no copy changes the layout.
+            weights = weights.view(b, self.out_channels, self.in_channels)
+            if _is_channels_last(x):
+                y = torch.matmul(x.permute(0, 2, 3, 1).reshape(b, h * w, -1), weights.mT)
+                return y.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
+            return torch.matmul(weights, x.flatten(2)).view(b, self.out_channels, h, w)
         y = F.conv2d(
             x.reshape(1, b * self.in_channels, h, w),
-            weights.reshape(b * self.out_channels, *weights.shape[2:]).to(x.dtype),
+            weights.reshape(b * self.out_channels, *weights.shape[2:]),
             padding=self.kernel_size // 2,
             groups=b,
         )
         return y.reshape(b, self.out_channels, *y.shape[2:])
+
+    def _conv_bank(self, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        n, o, i, k = self.num_kernels, self.out_channels, self.in_channels, self.kernel_size
+        with torch.autocast(a.device.type, enabled=False):
+            bank = self.effective_weight().to(a.dtype)
+            # a_n s_i per stacked input channel: b (n i); a == 1 exactly with one kernel.
+            scale = s if n == 1 else a[:, :, None] * s[:, None]
+            d = None
+            if self.demodulate:
+                # Divide the input scales by their largest magnitude and multiply d by it: the
+                # same result, but the convolution never sees large styles, which could
+                # overflow in float16 (StyleGAN2 does the same for its non-fused fp16 path).
+                peak = s.detach().abs().amax(dim=1).clamp_min(torch.finfo(s.dtype).tiny)
+                scale = scale / peak.view(-1, *([1] * (scale.ndim - 1)))
+                d = self._demodulation(a, s, bank) * peak[:, None]
+        x = self._resample(x)
+        b, _, h, w = x.shape
+        if n == 1:
+            stacked = x * scale.to(x.dtype).reshape(b, i, 1, 1)
+        else:
+            stacked = (x[:, None] * scale.to(x.dtype)[..., None, None]).reshape(b, n * i, h, w)
+        kernel = bank.transpose(0, 1).reshape(o, n * i, k, k) if n > 1 else bank[0]
+        y = F.conv2d(stacked, kernel.to(stacked.dtype), padding=k // 2)
+        if d is not None:
+            y = y * d.to(y.dtype)[:, :, None, None]
+        return y
 
     def _conv_reference(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         a = self.selection_weights(w)
@@ -306,10 +475,11 @@ class AdaptiveConv2d(nn.Module):
         *,
         noise_mode: NoiseMode = "random",
         fused: bool | None = None,
+        fast_path: FastPath | None = None,
     ) -> torch.Tensor:
         """``x: b c_in h w``, ``w: b w_dim`` (, ``noise: b 1 h' w'``) to ``b c_out h' w'``.
 
-        ``fused`` overrides the layer's own setting for this call.
+        ``fused`` and ``fast_path`` override the layer's own settings for this call.
         """
         check_tensor(x, "x", shape=f"b {self.in_channels} h w", ndim=4, sizes={1: self.in_channels})
         check_tensor(w, "w", shape=f"b {self.w_dim}", ndim=2, sizes={1: self.w_dim})
@@ -322,7 +492,10 @@ class AdaptiveConv2d(nn.Module):
 
         use_fused = self.fused if fused is None else fused
         if use_fused:
-            y = self._conv_fused(x, self.modulated_weights(w))
+            path = self.choose_fast_path(x.shape[0], x.shape[2], x.shape[3], fast_path)
+            a, s = self.selection_weights(w), self.styles(w)
+            conv = self._conv_bank if path == "bank" else self._conv_grouped
+            y = conv(x, a, s)
         else:
             y = self._conv_reference(x, w)
 
@@ -346,5 +519,6 @@ class AdaptiveConv2d(nn.Module):
             f"w_dim={self.w_dim}, num_kernels={self.num_kernels}, "
             f"kernel_selection={self.kernel_selection}, demodulate={self.demodulate}, "
             f"up={self.up}, down={self.down}, activation={self.activation}, "
-            f"noise={self.use_noise}, fused={self.fused}, conv_clamp={self.conv_clamp}"
+            f"noise={self.use_noise}, fused={self.fused}, conv_clamp={self.conv_clamp}, "
+            f"fast_path={self.fast_path}"
         )
