@@ -434,7 +434,7 @@ def main() -> None:
     if not Path(args.ref_python).exists():
         raise SystemExit(f"--ref-python {args.ref_python}: not found (make bench-ref creates it)")
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the reference worker runs in its own folder
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
     dataset = load_spec(preset_path("demo"), RunSpec).dataset
