@@ -46,6 +46,7 @@ def main() -> None:
         "G": distributed.module_digest(trainer.G),
         "D": distributed.module_digest(trainer.D),
         "G_ema": distributed.module_digest(trainer.G_ema),
+        "losses": [distributed.module_digest(loss) for loss in trainer.losses],
     }
     (out / f"rank{group.rank}.json").write_text(json.dumps(report))
     distributed.destroy()

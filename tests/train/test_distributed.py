@@ -14,7 +14,7 @@ import pytest
 from gigagan_train.checkpoint import latest_checkpoint, read_trainer_state, step_folder_name
 from gigagan_train.cli import main
 
-from .conftest import tiny_run
+from .conftest import BASIC_LOSSES, tiny_run
 
 HERE = Path(__file__).parent
 TIMEOUT = 420  # a hang (a collective entered by one rank only) fails here, not in CI's limit
@@ -114,3 +114,26 @@ def test_a_nan_on_one_rank_is_a_skip_on_both_and_replicas_stay_identical(tmp_pat
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
     assert rows[1]["skipped"] == ["G (a term on another process)"]
+
+
+def test_trainable_loss_heads_and_accumulation_stay_in_step_across_ranks(tmp_path) -> None:
+    vision_aided = {
+        "kind": "vision-aided",
+        "backbone": "timm",
+        "timm_model": "test_resnet",
+        "image_size": 32,
+        "out_indices": [-1],
+        "text_dim": 32,
+        "head_channels": 8,
+        "weight": 0.5,
+    }
+    losses = [*BASIC_LOSSES, vision_aided]
+    spec = _spec(
+        tmp_path, steps=2, sample_every=2, checkpoint_every=2, grad_accumulation=2, losses=losses
+    )
+    result = torchrun(str(HERE / "ddp_worker.py"), str(spec), str(tmp_path), "-1", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["skipped_steps"] for r in reports] == [0, 0]
+    for key in ("G", "D", "G_ema", "losses"):
+        assert reports[0][key] == reports[1][key], key

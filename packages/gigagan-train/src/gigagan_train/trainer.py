@@ -520,6 +520,7 @@ class Trainer:
         seed from a map-style dataset, the first ones of an iterable stream (seeded)."""
         dataset = self.run.dataset
         if _is_iterable(dataset):
+            dataset = copy.copy(dataset)  # configured here without touching the training stream
             configure = getattr(dataset, "configure", None)
             if callable(configure):
                 configure(rank=0, world_size=1, seed=self.spec.seed)
@@ -605,6 +606,18 @@ class Trainer:
                 stack.enter_context(module.no_sync())
         return stack
 
+    def _synced(self, phase: str, active: Sequence[nn.Module]) -> list[nn.Parameter]:
+        """The trainable parameters of the replicas that this phase's losses call."""
+        if phase == "G":
+            return trainable_parameters(self.G)
+        heads = [
+            p
+            for loss in active
+            if self._loss_calls.get(id(loss)) is not loss
+            for p in loss.trainable_parameters()
+        ]
+        return [*trainable_parameters(self.D), *heads]
+
     def _phase(
         self,
         phase: str,
@@ -673,10 +686,10 @@ class Trainer:
                     break
                 if distributed:
                     # StyleGAN2's zero-times trick, on the parameters themselves: every
-                    # parameter the replicas own takes part in every backward (R1's double
-                    # backward leaves output biases without a gradient), so DDP's reducer
-                    # never waits for one. Adds exactly zero to each gradient.
-                    total = total + 0.0 * sum(p.sum() for p in params)
+                    # parameter of the replicas called in this phase takes part in every
+                    # backward (R1's double backward leaves output biases without a
+                    # gradient), so DDP's reducer never waits for one. Adds exactly zero.
+                    total = total + 0.0 * sum(p.sum() for p in self._synced(phase, active))
                 (total / len(micro)).backward()
             for name, value in named.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / len(micro)
