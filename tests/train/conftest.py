@@ -15,6 +15,18 @@ TINY_CLIP = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 
+TINY_VISION_AIDED: dict[str, Any] = {
+    "kind": "vision-aided",
+    "backbone": "timm",
+    "timm_model": "test_resnet",
+    "image_size": 32,
+    "out_indices": [-1],
+    "text_dim": 32,
+    "head_channels": 8,
+    "weight": 0.5,
+}
+"""Vision-aided heads on timm's tiny random test_resnet (trainable heads, frozen trunk)."""
+
 BASIC_LOSSES: list[dict[str, Any]] = [
     {"kind": "adversarial"},
     {"kind": "matching-aware"},

@@ -14,7 +14,7 @@ import pytest
 from gigagan_train.checkpoint import latest_checkpoint, read_trainer_state, step_folder_name
 from gigagan_train.cli import main
 
-from .conftest import BASIC_LOSSES, tiny_run
+from .conftest import BASIC_LOSSES, TINY_VISION_AIDED, tiny_run
 
 HERE = Path(__file__).parent
 TIMEOUT = 420  # a hang (a collective entered by one rank only) fails here, not in CI's limit
@@ -117,17 +117,7 @@ def test_a_nan_on_one_rank_is_a_skip_on_both_and_replicas_stay_identical(tmp_pat
 
 
 def test_trainable_loss_heads_and_accumulation_stay_in_step_across_ranks(tmp_path) -> None:
-    vision_aided = {
-        "kind": "vision-aided",
-        "backbone": "timm",
-        "timm_model": "test_resnet",
-        "image_size": 32,
-        "out_indices": [-1],
-        "text_dim": 32,
-        "head_channels": 8,
-        "weight": 0.5,
-    }
-    losses = [*BASIC_LOSSES, vision_aided]
+    losses = [*BASIC_LOSSES, TINY_VISION_AIDED]
     spec = _spec(
         tmp_path, steps=2, sample_every=2, checkpoint_every=2, grad_accumulation=2, losses=losses
     )

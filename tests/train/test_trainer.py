@@ -17,7 +17,7 @@ from gigagan_train.errors import CheckpointError, TrainingAbortedError
 from gigagan_train.spec import RunSpec
 from gigagan_train.trainer import Trainer
 
-from .conftest import TINY_CLIP, tiny_upsampler_run
+from .conftest import TINY_CLIP, TINY_VISION_AIDED, tiny_upsampler_run
 
 
 def _metrics(folder):
@@ -30,16 +30,7 @@ def test_every_weight_free_loss_trains_and_writes_checkpoint_metrics_and_grid(ma
         {"kind": "matching-aware"},
         {"kind": "r1", "gamma": 0.2048, "interval": 2},
         {"kind": "clip-contrastive", "model_config": TINY_CLIP, "weight": 0.1},
-        {
-            "kind": "vision-aided",
-            "backbone": "timm",
-            "timm_model": "test_resnet",
-            "image_size": 32,
-            "out_indices": [-1],
-            "text_dim": 32,
-            "head_channels": 8,
-            "weight": 0.5,
-        },
+        TINY_VISION_AIDED,
     ]
     trainer = Trainer(make_spec(losses=losses, steps=2), tmp_path / "run")
     heads = trainer.losses[4]
