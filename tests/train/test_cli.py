@@ -120,3 +120,10 @@ def test_a_preset_name_is_not_shadowed_by_a_folder_of_that_name(
     (tmp_path / "demo").mkdir()  # e.g. a run folder left in the working directory
     assert main(["spec", "demo"]) == 0
     assert capsys.readouterr().out == preset_path("demo").read_text()
+
+
+def test_a_spec_path_that_is_missing_or_a_folder_is_named_as_such(capsys, tmp_path: Path):
+    assert main(["train", str(tmp_path / "nope.d" / "run")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope.d' / 'run'}: no such spec file\n"
+    assert main(["spec", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: is a folder, not a spec file\n"

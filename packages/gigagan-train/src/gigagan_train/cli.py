@@ -68,6 +68,11 @@ def _resolve_spec_path(name: str) -> Path:
     path = Path(name)
     if path.suffix.lower() in {".toml", ".json"} or path.is_file():
         return path
+    if os.sep in name or "/" in name:
+        # a path, not a preset name (a bare name is a preset even beside a folder of that
+        # name, e.g. the run folder demo/): say that it is missing or a folder
+        what = "is a folder, not a spec file" if path.is_dir() else "no such spec file"
+        raise UserError(f"{name}: {what}")
     return preset_path(name)
 
 
