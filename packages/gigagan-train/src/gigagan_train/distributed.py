@@ -183,10 +183,11 @@ def mean_buffers(module: nn.Module) -> None:
 
 
 def module_digest(module: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer of ``module``, bytes in state-dict order: equal
-    digests on two processes mean bit-identical replicas."""
+    """SHA-256 of every parameter and buffer of ``module`` (names, dtypes, shapes and bytes
+    in state-dict order): equal digests on two processes mean bit-identical replicas."""
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

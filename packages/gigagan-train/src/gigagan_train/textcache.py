@@ -14,7 +14,6 @@ rebuilt, never used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from gigagan_core.nets.text_features import TextFeatures
+from gigagan_train.distributed import module_digest
 
 __all__ = ["TextFeatureCache", "encoder_digest"]
 
@@ -36,13 +36,8 @@ _FIELDS = ("tokens", "mask", "eot_index", "pooled", "token_ids")
 
 
 def encoder_digest(encoder: nn.Module) -> str:
-    """SHA-256 of the encoder's class and state dict (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256(type(encoder).__qualname__.encode())
-    for name, t in encoder.state_dict().items():
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """SHA-256 of the encoder's class and weights (see :func:`module_digest`)."""
+    return f"{type(encoder).__qualname__}:{module_digest(encoder)}"
 
 
 class TextFeatureCache:
@@ -144,6 +139,9 @@ class TextFeatureCache:
     @torch.no_grad()
     def __call__(self, captions: Sequence[str]) -> TextFeatures:
         captions = list(captions)
+        if self._file is not None and all(c in self._rows for c in captions):
+            self.hits += len(captions)  # the usual case: every row from the file, in order
+            return self._read(captions).to(self.device)
         missing = [
             c for c in dict.fromkeys(captions) if c not in self._rows and c not in self._memory
         ]
