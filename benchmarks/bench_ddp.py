@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from gigagan_core.specs import load_spec
-from gigagan_train.cli import _resolve_spec_path
+from gigagan_train.presets import resolve_spec_path
 from gigagan_train.spec import RunSpec
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="per process")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    base = load_spec(_resolve_spec_path("demo"), RunSpec)
+    base = load_spec(resolve_spec_path("demo"), RunSpec)
     data = base.model_dump()
     data.update(
         steps=args.steps,

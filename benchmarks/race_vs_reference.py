@@ -8,13 +8,13 @@ Both sides train text-to-image on the built-in synthetic-shapes data at 32 px, o
 other, each for the same wall time on the same number of CPU threads (``--threads``, 2 by
 default), at batch 8, then both are scored by this project's evaluator in this process, with
 the same prompts, the same real images and the same classifier
-(:mod:`gigagan_train.evaluate`, metric ``alignment``): the all-correct and per-attribute
+(:mod:`gigagan_train.evaluation`, metric ``alignment``): the all-correct and per-attribute
 accuracy of the attributes the prompts ask for, and the Fréchet distance in the attribute
 classifier's feature space with its real-vs-real floor.
 
 - **Ours**: the ``demo`` run preset (the ``cpu-demo`` model: its random-weight CLIP-style
   text tower, adversarial + matching-aware losses, lazy R1) through
-  :class:`gigagan_train.trainer.Trainer` with ``max_minutes``; G-EMA generates.
+  :class:`gigagan_train.loop.Trainer` with ``max_minutes``; G-EMA generates.
 - **Reference**: ``gigagan-pytorch==0.3.0``, imported only in a subprocess of
   ``--ref-python`` and used as a package, with its own losses and defaults (Adam 2e-4,
   betas (0.5, 0.9), hinge, multi-scale, matching-aware, gradient penalty every 4 steps,
@@ -272,9 +272,9 @@ def _trainable(module: Any) -> int:
 
 def train_ours(out: Path, minutes: float, seed: int) -> tuple[Any, dict[str, Any]]:
     from gigagan_core.specs import load_spec
+    from gigagan_train.loop import Trainer
     from gigagan_train.presets import preset_path
     from gigagan_train.spec import RunSpec
-    from gigagan_train.trainer import Trainer
 
     demo = load_spec(preset_path("demo"), RunSpec)
     huge = 10**9
@@ -420,7 +420,7 @@ def main() -> None:
     import torch
 
     from gigagan_core.specs import load_spec
-    from gigagan_train.evaluate import (
+    from gigagan_train.evaluation import (
         EvalSpec,
         eval_prompts,
         evaluate_generator,

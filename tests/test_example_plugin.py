@@ -300,7 +300,7 @@ def test_a_run_spec_names_the_plugin_discriminator_and_trains_on_it(example_on_p
     """`[discriminator] kind = "example-patch"` in a text-conditional run: the run hands the
     generator's text encoder to it (the plugin takes `text_encoder=None`), and two training
     steps with the adversarial, matching-aware and R1 losses run on it."""
-    from gigagan_train.trainer import Trainer
+    from gigagan_train.loop import Trainer
 
     registry = load_registry()
     with use_registry(registry):

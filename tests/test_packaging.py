@@ -250,18 +250,55 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
-@pytest.mark.parametrize(
-    ("dist", "top"),
-    [
-        ("gigagan-core", "gigagan_core"),
-        ("gigagan-losses", "gigagan_losses"),
-        ("gigagan-upsampler", "gigagan_upsampler"),
-    ],
-)
-def test_no_import_cycles_inside_a_package(dist: str, top: str):
-    graph = _import_graph(REPO / "packages" / dist / "src")
+SOURCES = {
+    "gigagan_core": REPO / "packages" / "gigagan-core" / "src",
+    "gigagan_losses": REPO / "packages" / "gigagan-losses" / "src",
+    "gigagan_upsampler": REPO / "packages" / "gigagan-upsampler" / "src",
+    "gigagan_train": REPO / "packages" / "gigagan-train" / "src",
+    "gigagan_example_plugin": REPO / "examples" / "gigagan-example-plugin" / "src",
+}
+
+
+@pytest.mark.parametrize("top", list(SOURCES))
+def test_no_import_cycles_inside_a_package(top: str):
+    graph = _import_graph(SOURCES[top])
     assert top in graph
     assert _cycles(graph) == []
+
+
+def _private_imports(path: Path, module: str) -> list[str]:
+    """``from other import _name`` of a project module other than ``module`` itself, at any
+    depth of the file: ``"module: other._name"`` for each."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            if not node.module.startswith("gigagan_") or node.module == module:
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{module}: {node.module}.{alias.name}")
+    return found
+
+
+@pytest.mark.parametrize("top", list(SOURCES))
+def test_no_module_imports_a_private_name_from_another(top: str):
+    src = SOURCES[top]
+    found = [
+        hit
+        for path in sorted((src / top).rglob("*.py"))
+        for hit in _private_imports(path, _module_name(src, path))
+    ]
+    assert found == []
+
+
+def test_the_private_import_check_sees_nested_imports(tmp_path: Path):
+    pkg = tmp_path / "gigagan_pkg"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("def f():\n    from gigagan_pkg.b import _hidden, shown\n")
+    (pkg / "b.py").write_text("from gigagan_pkg.b import _self_is_fine\n")
+    hits = _private_imports(pkg / "a.py", "gigagan_pkg.a")
+    assert hits == ["gigagan_pkg.a: gigagan_pkg.b._hidden"]
+    assert _private_imports(pkg / "b.py", "gigagan_pkg.b") == []
 
 
 def test_the_cycle_check_sees_deferred_and_type_checking_imports(tmp_path: Path):

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from gigagan_train import distributed
+from gigagan_train.loop import Trainer
 from gigagan_train.spec import RunSpec
-from gigagan_train.trainer import Trainer
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from gigagan_train.checkpoint import find_checkpoint, latest_checkpoint
+from gigagan_train.loop import Trainer
 from gigagan_train.spec import RunSpec
-from gigagan_train.trainer import Trainer
 
 from .conftest import tiny_run
 
@@ -27,20 +27,21 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from gigagan_train.spec import RunSpec
-from gigagan_train import trainer as trainer_module
+from gigagan_train import checkpoint as checkpoint_module
+from gigagan_train.loop import Trainer
 spec = RunSpec.model_validate(json.loads(Path(sys.argv[1]).read_text()))
 pause_at = int(sys.argv[3])
 if pause_at:
     # stop in the middle of writing the checkpoint of step `pause_at`: after the first
     # files of its temporary folder exist, before the folder is renamed
-    real_save = trainer_module.save_file
+    real_save = checkpoint_module.save_file
     def slow_save(tensors, path, *args, **kwargs):
         real_save(tensors, path, *args, **kwargs)
         if Path(path).name == "optim.safetensors" and f"step-{pause_at:06d}" in str(path):
             Path(sys.argv[2], "PAUSED").write_text(str(path))
             time.sleep(600)
-    trainer_module.save_file = slow_save
-trainer_module.Trainer(spec, sys.argv[2]).fit()
+    checkpoint_module.save_file = slow_save
+Trainer(spec, sys.argv[2]).fit()
 """
 
 

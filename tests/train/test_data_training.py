@@ -11,10 +11,10 @@ from PIL import Image
 
 from gigagan_train.checkpoint import latest_checkpoint
 from gigagan_train.cli import main
+from gigagan_train.data.shards import pack_folder
 from gigagan_train.errors import TrainingAbortedError
-from gigagan_train.shards import pack_folder
+from gigagan_train.loop import Trainer
 from gigagan_train.spec import RunSpec
-from gigagan_train.trainer import Trainer
 
 from .conftest import tiny_run
 
@@ -100,7 +100,7 @@ def test_unreadable_files_are_skipped_and_counted_in_the_metrics(tmp_path, caplo
     data = {"kind": "imagefolder", "path": str(folder), "resolution": 16, "max_bad_fraction": 0.5}
     trainer = Trainer(RunSpec.model_validate(tiny_run(steps=2, dataset=data)), tmp_path / "run")
     seen = _seen_captions(trainer)
-    with caplog.at_level("WARNING", logger="gigagan_train.trainer"):
+    with caplog.at_level("WARNING", logger="gigagan_train.loop"):
         trainer.fit()
     assert "an empty file" not in seen and "a broken file" not in seen
     rows = _metrics(tmp_path / "run")
@@ -142,17 +142,17 @@ def test_an_error_in_a_dataloader_worker_keeps_its_own_message(tmp_path):
     trainer.spec, trainer.rank, trainer.world_size = spec, 0, 1
     trainer.state = type("S", (), {"data_position": 0})()
     trainer.run = type("R", (), {"dataset": _build(spec)})()
+    from gigagan_train.data.batches import next_batch
     from gigagan_train.errors import RunError
-    from gigagan_train.trainer import _next_batch
 
     with pytest.raises(RunError) as err:
-        _next_batch(trainer._batches())
+        next_batch(trainer.batches())
     message = str(err.value)
     assert not message.startswith("Caught") and "Traceback" not in message
     assert "shard-000000.tar" in message
 
 
 def _build(spec: RunSpec):  # type: ignore[no-untyped-def]
-    from gigagan_train.shards import WebDataset
+    from gigagan_train.data.shards import WebDataset
 
     return WebDataset.from_spec(spec.dataset)

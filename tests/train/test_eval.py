@@ -17,19 +17,12 @@ from unittest import mock
 import pytest
 import torch
 
-from gigagan_train import alignment
-from gigagan_train.alignment import (
-    attribute_accuracy,
-    load_or_train_classifier,
-    parse_caption,
-    parse_captions,
-    render_labelled,
-)
 from gigagan_train.cli import main
 from gigagan_train.errors import RunError
-from gigagan_train.evaluate import (
+from gigagan_train.evaluation import (
     INCEPTION_URL,
     EvalSpec,
+    alignment,
     evaluate_generator,
     evaluate_images,
     file_sha256,
@@ -40,8 +33,15 @@ from gigagan_train.evaluate import (
     load_inception,
     scalar_metrics,
 )
+from gigagan_train.evaluation.alignment import (
+    attribute_accuracy,
+    load_or_train_classifier,
+    parse_caption,
+    parse_captions,
+    render_labelled,
+)
+from gigagan_train.loop import Trainer
 from gigagan_train.spec import RunSpec
-from gigagan_train.trainer import Trainer
 
 from .conftest import TINY_CLIP, tiny_run
 
@@ -253,13 +253,14 @@ def test_evaluate_generator_scores_g_ema_and_leaves_the_run_alone(run: Trainer, 
 
 
 def test_images_made_elsewhere_score_like_the_generators_own(files):
-    from gigagan_train.evaluate import _build_dataset, draw_real, eval_prompts
+    from gigagan_train.evaluation import draw_real, eval_prompts
+    from gigagan_train.evaluation.samples import build_dataset
 
     dataset = RunSpec.model_validate(tiny_run()).dataset
     spec = EvalSpec(n=16, batch_size=8, seed=3)
     prompts = eval_prompts(dataset, spec)
     # the real sample itself, "generated" for its own captions: all correct, FD 0
-    real = draw_real(_build_dataset(dataset), spec.n, spec.seed)
+    real = draw_real(build_dataset(dataset), spec.n, spec.seed)
     assert real.captions == prompts
     images = torch.cat(list(real.batches(5)))
     good = evaluate_images(images, prompts, dataset, spec, cache_dir=files["cache"])

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from gigagan_train.errors import RunError
+from gigagan_train.loop import Trainer
 from gigagan_train.spec import RunSpec
-from gigagan_train.trainer import Trainer
 
 from .conftest import tiny_run
 

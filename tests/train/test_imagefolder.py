@@ -13,8 +13,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from gigagan_train.data import SyntheticShapes, collate_samples
+from gigagan_train.data.folder import ImageFolder, ImageFolderSpec
 from gigagan_train.errors import RunError
-from gigagan_train.folder import ImageFolder, ImageFolderSpec
 from gigagan_train.spec import RunSpec
 
 from .conftest import tiny_run
@@ -118,7 +118,7 @@ def test_images_without_a_caption_are_skipped_or_kept_empty(tmp_path, caplog):
         tmp_path / "metadata.jsonl",
         [{"file_name": "a.png", "text": "red"}, {"file_name": "b.png", "text": None}],
     )
-    with caplog.at_level(logging.WARNING, logger="gigagan_train.folder"):
+    with caplog.at_level(logging.WARNING, logger="gigagan_train.data.folder"):
         ds = ImageFolder(tmp_path, 16)
     assert ds.captions() == ["red"] and len(ds) == 1
     assert "2 images have no caption and are skipped (b.png, c.png)" in caplog.text

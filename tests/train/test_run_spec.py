@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from gigagan_core.plugins import Component, hookimpl, load_registry, use_registry
 from gigagan_core.specs import ComponentSpec
-from gigagan_train.run import dry_run
+from gigagan_train.assemble import dry_run
 from gigagan_train.spec import RunSpec
 
 from .conftest import tiny_run, tiny_upsampler_run

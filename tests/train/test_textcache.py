@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import Dataset
 
 from gigagan_train.data import SyntheticShapes
-from gigagan_train.textcache import TextFeatureCache, encoder_digest
-from gigagan_train.trainer import Trainer
+from gigagan_train.data.textcache import TextFeatureCache, encoder_digest
+from gigagan_train.loop import Trainer
 
 CAPTIONS = [
     "a red circle on a blue background",
@@ -26,7 +26,7 @@ def _close(a, b) -> None:  # type: ignore[no-untyped-def]
 
 
 def _encoder(make_spec):  # type: ignore[no-untyped-def]
-    from gigagan_train.run import assemble
+    from gigagan_train.assemble import assemble
 
     return assemble(make_spec()).model.text_encoder
 
@@ -97,8 +97,8 @@ def test_training_with_the_cache_encodes_each_caption_once(make_spec, tmp_path):
     trainer = Trainer(spec, tmp_path / "r")
     listed = _Listed()
     trainer.run.dataset = listed
-    trainer.text_cache = trainer._make_text_cache()
-    encoder = trainer._encoder
+    trainer.text_cache = trainer.make_text_cache()
+    encoder = trainer.encoder
     calls = []
     original = encoder.forward
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from gigagan_core.frozen import trainable_parameters
 from gigagan_train.checkpoint import find_checkpoint, latest_checkpoint, list_checkpoints
 from gigagan_train.errors import CheckpointError, TrainingAbortedError
+from gigagan_train.loop import Trainer
 from gigagan_train.spec import RunSpec
-from gigagan_train.trainer import Trainer
 
 from .conftest import TINY_CLIP, TINY_VISION_AIDED, tiny_upsampler_run
 
@@ -208,7 +208,7 @@ def test_g_phase_leaves_no_gradient_on_d_and_the_frozen_encoder(make_spec, tmp_p
         return g_step(*args, **kwargs)
 
     trainer.opt_G.step = recording_step
-    trainer.train_step(next(trainer._batches()))
+    trainer.train_step(next(trainer.batches()))
     assert seen["d_grads"] == []
     assert all(g is None for g in seen["text_grads"])
     assert len(seen["g_grads"]) > 10
@@ -221,7 +221,7 @@ def test_ema_follows_the_half_life_formula(make_spec, tmp_path):
     spec = make_spec(ema={"half_life_kimg": 0.01, "rampup": None})  # 10 images
     trainer = Trainer(spec, tmp_path / "r")
     before = [p.detach().clone() for p in trainable_parameters(trainer.G_ema)]
-    trainer.train_step(next(trainer._batches()))
+    trainer.train_step(next(trainer.batches()))
     beta = 0.5 ** (4 / 10)
     for old, p, p_ema in zip(
         before, trainable_parameters(trainer.G), trainable_parameters(trainer.G_ema), strict=True
@@ -234,7 +234,7 @@ def test_ema_follows_the_half_life_formula(make_spec, tmp_path):
 
 def test_ema_rampup_starts_as_a_copy(make_spec, tmp_path):
     trainer = Trainer(make_spec(), tmp_path / "r")  # default rampup 0.05: no images seen yet
-    trainer.train_step(next(trainer._batches()))
+    trainer.train_step(next(trainer.batches()))
     for p, p_ema in zip(
         trainable_parameters(trainer.G), trainable_parameters(trainer.G_ema), strict=True
     ):
@@ -310,5 +310,5 @@ def test_each_phase_calls_the_discriminator_once(make_spec, tmp_path):
     trainer.D.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(kwargs.get("stacked", 1)), with_kwargs=True
     )
-    trainer.train_step(next(trainer._batches()))
+    trainer.train_step(next(trainer.batches()))
     assert calls == [3, 2]

@@ -15,12 +15,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from gigagan_train import shards as shards_module
 from gigagan_train.cli import main
 from gigagan_train.data import collate_samples
-from gigagan_train.errors import RunError
-from gigagan_train.folder import ImageFolder
-from gigagan_train.shards import (
+from gigagan_train.data import shards as shards_module
+from gigagan_train.data.folder import ImageFolder
+from gigagan_train.data.shards import (
     WebDataset,
     WebDatasetSpec,
     expand_shards,
@@ -28,6 +27,7 @@ from gigagan_train.shards import (
     pack_folder,
     shard_pattern,
 )
+from gigagan_train.errors import RunError
 from gigagan_train.spec import RunSpec
 
 from .conftest import tiny_run

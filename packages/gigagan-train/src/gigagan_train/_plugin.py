@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from gigagan_core.plugins import Component, hookimpl
-from gigagan_train.data import SyntheticShapes, SyntheticShapesSpec
-from gigagan_train.folder import ImageFolder, ImageFolderSpec
-from gigagan_train.shards import WebDataset, WebDatasetSpec
+from gigagan_train.data.folder import ImageFolder, ImageFolderSpec
+from gigagan_train.data.shards import WebDataset, WebDatasetSpec
+from gigagan_train.data.synthetic import SyntheticShapes, SyntheticShapesSpec
 
 
 @hookimpl

@@ -1,4 +1,8 @@
-"""Training checkpoints: safetensors and JSON, written atomically, resumable exactly.
+"""The run folder's checkpoints: safetensors and JSON, written atomically, resumable exactly.
+
+This module owns everything a checkpoint is: writing one from a training state
+(:func:`write_training_checkpoint`, with the RNG states of every process), reading it back
+(:func:`read_training_checkpoint`), finding the newest complete one, and pruning old ones.
 
 Layout of one checkpoint (``runs/<name>/checkpoints/step-000123/``)::
 
@@ -19,11 +23,14 @@ either the new checkpoint or none of it, and the previous one untouched. Nothing
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import re
 import shutil
+import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +41,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gigagan_core.frozen import is_frozen
+from gigagan_core.specs import dump_spec
+from gigagan_train import distributed
 from gigagan_train.errors import CheckpointError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "TRAINER_FILE",
     "CheckpointInfo",
+    "TrainerState",
     "find_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
@@ -48,13 +59,19 @@ __all__ = [
     "optimizer_state_files",
     "prune_checkpoints",
     "read_trainer_state",
+    "read_training_checkpoint",
     "remove_stale_temporaries",
+    "resume_point",
     "save_module",
+    "seed_everything",
     "step_folder_name",
     "trainable_state",
     "write_atomic_folder",
     "write_latest",
+    "write_training_checkpoint",
 ]
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "gigagan.checkpoint/1"
 TRAINER_FILE = "trainer.json"
@@ -71,6 +88,19 @@ def step_folder_name(step: int) -> str:
 class CheckpointInfo:
     path: Path
     step: int
+
+
+@dataclass
+class TrainerState:
+    """Everything besides weights and optimiser states that a resume needs."""
+
+    step: int = 0  # completed steps
+    images_seen: int = 0  # real images shown, all processes
+    data_position: int = 0  # stream indices consumed, all processes
+    consecutive_skips: int = 0
+    skipped_steps: int = 0
+    last_checkpoint_step: int = -1
+    last_sample_step: int = -1
 
 
 # ---- writing ---------------------------------------------------------------------------
@@ -216,6 +246,34 @@ def find_checkpoint(path: str | Path) -> Path:
     )
 
 
+def resume_point(run_folder: Path, resume: str | Path | bool | None, trains: str) -> Path | None:
+    """The checkpoint a run in ``run_folder`` starts from: ``resume=True`` its latest,
+    a path that checkpoint (or a run folder's latest), ``None`` none. A fresh run into a
+    folder that already holds a checkpoint is refused, and so is a checkpoint of another
+    kind of run (``trains``: "generator" or "upsampler")."""
+    root = run_folder / "checkpoints"
+    if resume is True:
+        info = latest_checkpoint(root)
+        if info is None:
+            raise CheckpointError(f"--resume: {root} holds no complete checkpoint")
+        folder = info.path
+    elif resume:
+        folder = find_checkpoint(resume)
+    else:
+        existing = latest_checkpoint(root)
+        if existing is not None:
+            raise CheckpointError(
+                f"{run_folder} already holds a run (checkpoint step {existing.step}); pass "
+                "--resume to continue it, --overwrite to start it again, or --out for another "
+                "folder"
+            )
+        return None
+    saved = read_trainer_state(folder)
+    if saved.get("trains") not in (None, trains):
+        raise CheckpointError(f"{folder}: a checkpoint of a {saved['trains']} run")
+    return folder
+
+
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` complete checkpoints; never the one
     ``latest`` names, never the newest. Returns what was deleted."""
@@ -328,3 +386,206 @@ def load_optimizer_state(optimizers: Mapping[str, torch.optim.Optimizer], folder
             raise CheckpointError(
                 f"{folder}: the {name} optimiser state does not fit this run ({exc})"
             ) from exc
+
+
+# ---- random number generators ----------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python's ``random`` and NumPy's global generator."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        return
+    np.random.seed(seed % 2**32)
+
+
+def _python_rng_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_rng_state(state: list[Any]) -> None:
+    version, internal, gauss = state
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ---- a training checkpoint -------------------------------------------------------------
+
+
+def write_training_checkpoint(
+    root: Path,
+    *,
+    spec: Any,
+    state: TrainerState,
+    modules: Mapping[str, nn.Module],
+    losses: Sequence[nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    trains: str,
+    sample_prompts: list[str] | None,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    keep_last: int = 1,
+) -> Path | None:
+    """Write ``root/step-N`` atomically, then point ``latest`` at it and prune to
+    ``keep_last``; returns the folder (``None`` on ranks other than 0, which write nothing).
+
+    A collective when ``world_size > 1``: every process enters it, its RNG states are
+    gathered (a resume on the same number of processes restores each one) and a digest of
+    each replica of ``modules["G"]`` / ``modules["D"]`` is compared. Refuses (raises
+    :class:`CheckpointError`, writing nothing) when any tensor is NaN or infinite, so a
+    saved checkpoint is always one to resume from."""
+    cpu_states = distributed.all_gather_tensor(torch.get_rng_state())
+    cuda_states: list[torch.Tensor] = []
+    if world_size > 1 and device.type == "cuda":
+        cuda_states = distributed.all_gather_tensor(torch.cuda.get_rng_state(device))
+    python_states = distributed.all_gather_strings(json.dumps(_python_rng_state()))
+    replicas: dict[str, list[str]] = {}
+    if world_size > 1:
+        for name in ("G", "D"):
+            replicas[name] = distributed.all_gather_strings(
+                distributed.module_digest(modules[name])
+            )
+            if len(set(replicas[name])) > 1:
+                log.error(
+                    "step %d: the %s replicas differ between processes (digests %s); the "
+                    "checkpoint keeps rank 0's",
+                    state.step,
+                    name,
+                    replicas[name],
+                )
+    named: list[tuple[str, torch.Tensor]] = []
+    for prefix, module in modules.items():
+        named += [(f"{prefix}.{k}", v) for k, v in module.state_dict().items()]
+    for i, loss in enumerate(losses):
+        named += [(f"losses.{i}.{k}", v) for k, v in trainable_state(loss).items()]
+    opt_tensors, opt_meta = optimizer_state_files(optimizers)
+    named += [(f"optimizer.{k}", v) for k, v in opt_tensors.items()]
+    bad = non_finite_tensors(named)
+    if bad:
+        raise CheckpointError(
+            f"refusing to write the step-{state.step} checkpoint: non-finite values in "
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the previous checkpoint "
+            "is kept"
+        )
+    if rank != 0:
+        return None
+    trainer = {
+        "format": CHECKPOINT_FORMAT,
+        "trains": trains,
+        "step": state.step,
+        "kimg": state.images_seen / 1000,
+        "images_seen": state.images_seen,
+        "data_position": state.data_position,
+        "world_size": world_size,
+        "consecutive_skips": state.consecutive_skips,
+        "skipped_steps": state.skipped_steps,
+        "python_rng": _python_rng_state(),
+        "python_rng_ranks": [json.loads(text) for text in python_states[1:]],
+        "replicas": replicas,
+        "sample_prompts": sample_prompts,
+        "time": time.time(),
+    }
+    rng: dict[str, torch.Tensor] = {"torch_cpu": cpu_states[0]}
+    for r, cpu in enumerate(cpu_states[1:], start=1):
+        rng[f"rank{r}.torch_cpu"] = cpu
+    for r, cuda in enumerate(cuda_states):
+        rng[f"rank{r}.torch_cuda"] = cuda
+    if world_size == 1 and torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, cuda in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = cuda
+    losses_state = {
+        f"{i}.{k}": v.detach().contiguous().cpu().clone()
+        for i, loss in enumerate(losses)
+        for k, v in trainable_state(loss).items()
+    }
+
+    def fill(tmp: Path) -> None:
+        dump_spec(spec, tmp / "spec.json")
+        for name, module in modules.items():
+            save_module(module, tmp / name)
+        save_file(losses_state, tmp / "losses.safetensors")
+        save_file(opt_tensors, tmp / "optim.safetensors")
+        (tmp / "optim.json").write_text(json.dumps(opt_meta) + "\n", encoding="utf-8")
+        save_file(rng, tmp / "rng.safetensors")
+        (tmp / TRAINER_FILE).write_text(json.dumps(trainer, indent=2) + "\n", encoding="utf-8")
+
+    target = write_atomic_folder(root / step_folder_name(state.step), fill)
+    write_latest(root, target.name)
+    prune_checkpoints(root, keep_last)
+    log.info("wrote checkpoint %s", target)
+    return target
+
+
+def read_training_checkpoint(
+    folder: Path,
+    *,
+    modules: Mapping[str, nn.Module],
+    losses: Sequence[nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    device: torch.device,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[TrainerState, dict[str, Any]]:
+    """Fill ``modules``, the loss modules and the optimisers from ``folder`` and restore
+    this process's RNG states; returns the training state and the raw ``trainer.json``.
+
+    On the same number of processes as the checkpoint was written with, each rank continues
+    its own random streams; on another number, every rank gets a fresh stream seeded by
+    (``seed``, step, rank)."""
+    saved = read_trainer_state(folder)
+    for name, module in modules.items():
+        load_module_state(module, folder / name)
+    losses_state = _load_tensors(folder / "losses.safetensors")
+    for i, loss in enumerate(losses):
+        own = {k[len(f"{i}.") :]: v for k, v in losses_state.items() if k.startswith(f"{i}.")}
+        expected = trainable_state(loss)
+        if set(own) != set(expected):
+            raise CheckpointError(
+                f"{folder}: loss {i} ({getattr(getattr(loss, 'spec', None), 'kind', '?')}) "
+                "state does not fit this run's losses"
+            )
+        with torch.no_grad():
+            for k, v in expected.items():
+                v.copy_(own[k])
+    load_optimizer_state(optimizers, folder)
+    rng = _load_tensors(folder / "rng.safetensors")
+    saved_world = int(saved.get("world_size", 1))
+    if saved_world == world_size and rank > 0:
+        torch.set_rng_state(rng[f"rank{rank}.torch_cpu"])
+        _set_python_rng_state(saved["python_rng_ranks"][rank - 1])
+    else:
+        torch.set_rng_state(rng["torch_cpu"])
+        _set_python_rng_state(saved["python_rng"])
+    if device.type == "cuda" and f"rank{rank}.torch_cuda" in rng:
+        torch.cuda.set_rng_state(rng[f"rank{rank}.torch_cuda"], device)
+    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    if cuda_states and torch.cuda.is_available() and world_size == 1:
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    if saved_world != world_size and world_size > 1:
+        seed_everything(seed + 1_000_003 * int(saved["step"]) + rank)
+    state = TrainerState(
+        step=int(saved["step"]),
+        images_seen=int(saved["images_seen"]),
+        data_position=int(saved["data_position"]),
+        consecutive_skips=int(saved.get("consecutive_skips", 0)),
+        skipped_steps=int(saved.get("skipped_steps", 0)),
+        last_checkpoint_step=int(saved["step"]),
+        last_sample_step=-1,
+    )
+    if saved_world != world_size and rank == 0:
+        log.warning(
+            "resuming a checkpoint written by %s process(es) with %s: training continues "
+            "from the same data position, but the batches are split differently and the "
+            "latents are drawn from new streams, so the run is not the one it would have "
+            "been on %s",
+            saved_world,
+            world_size,
+            saved_world,
+        )
+    log.info("resumed from %s at step %d", folder, state.step)
+    return state, saved

@@ -1,18 +1,35 @@
-"""The training-run spec: one validated document names every part of a run and its loop.
+"""The specs of a run and of an evaluation: pure, validated data (pydantic).
 
-A run trains either a text-to-image **generator** (with ``model_preset`` filling the
-generator and discriminator it does not give) or an **upsampler** (``upsampler_preset``
-filling the upsampler and its discriminator), against the ``losses`` it lists, on the
-``dataset`` it names. Everything else is the loop's settings: optimisers, length, EMA,
-precision, intervals, sample prompts and the NaN guard.
+A run (:class:`RunSpec`) trains either a text-to-image **generator** (with ``model_preset``
+filling the generator and discriminator it does not give) or an **upsampler**
+(``upsampler_preset`` filling the upsampler and its discriminator), against the ``losses`` it
+lists, on the ``dataset`` it names. Everything else is the loop's settings: optimisers,
+length, EMA, precision, intervals, sample prompts and the NaN guard. An evaluation
+(:class:`EvalSpec`, also a run's ``[evaluation]`` table) names its metrics, sample size and
+weights files.
+
+**The text-encoder rule.** A run whose trained network (generator or upsampler) is
+text-conditional builds one frozen text encoder, inside that network, and hands it to every
+other component whose factory (or ``from_spec``) takes a ``text_encoder`` argument: the
+discriminator, and any loss that asks for it. A component whose spec names a text encoder
+of its own that differs from the network's keeps its own. A discriminator that takes no
+``text_encoder`` argument in a text-conditional run is refused when the spec is validated
+(:func:`check_text_encoder_rule`), with a message that says what to add; so a plugin
+discriminator is never silently built unconditional.
+
+Importing this module builds nothing and imports neither the loop nor the metrics.
 """
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gigagan_core.plugins import get_registry
+from gigagan_core.presets import load_preset
 from gigagan_core.specs import (
     AnyDataset,
     AnyDiscriminator,
@@ -21,16 +38,25 @@ from gigagan_core.specs import (
     AnyUpsampler,
     ComponentSpec,
 )
-from gigagan_train.data import SyntheticShapesSpec
-from gigagan_train.evaluate import EvalSpec
+from gigagan_train.data.synthetic import SyntheticShapesSpec
+from gigagan_train.errors import RunError
+from gigagan_upsampler.presets import load_upsampler_preset
 
 __all__ = [
+    "CLIP_HINT",
+    "INCEPTION_HINT",
+    "INCEPTION_URL",
+    "METRICS",
     "AdamSpec",
     "EMASpec",
+    "EvalSpec",
     "NanGuardSpec",
     "OptimizerSpec",
     "RunSpec",
     "SamplingSpec",
+    "accepts_argument",
+    "check_text_encoder_rule",
+    "check_weights_file",
 ]
 
 # Counts and sizes are strict: TOML's `true` or JSON's "8" is an error, not 1 or 8.
@@ -40,6 +66,142 @@ NonNegative = Annotated[int, Field(strict=True, ge=0)]
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+# ---- evaluation ------------------------------------------------------------------------
+
+METRICS = ("alignment", "fid", "kid", "clip")
+"""The metrics :class:`EvalSpec` can name."""
+Metric = Literal["alignment", "fid", "kid", "clip"]
+
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+    "weights-inception-2015-12-05-6726825d.pth"
+)
+"""Where torch-fidelity publishes its InceptionV3 weights (``pt_inception-2015-12-05``, the
+TensorFlow FID network converted to PyTorch); the file ``--inception-weights`` names."""
+
+INCEPTION_HINT = (
+    "torch-fidelity's InceptionV3 weights (pt_inception-2015-12-05, a PyTorch state dict; "
+    f"download it once from {INCEPTION_URL}); nothing is downloaded at run time"
+)
+CLIP_HINT = (
+    "a local open_clip checkpoint (.safetensors or .pt/.pth/.bin, e.g. open_clip_model."
+    "safetensors of a ViT-B-32 release) with --clip-model NAME or --clip-config FILE; "
+    "nothing is downloaded at run time"
+)
+
+
+class EvalSpec(BaseModel):
+    """What to evaluate and how: the metrics, the sample size and seed, the weights files.
+
+    A run spec's ``evaluation`` section; ``gigagan eval`` builds one from its options.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    metrics: tuple[Metric, ...] = Field(
+        ("alignment",),
+        min_length=1,
+        description="Metrics to compute: 'alignment' (synthetic-shapes data only; no "
+        "download), 'fid' and 'kid' (need inception_weights), 'clip' (needs clip_weights).",
+    )
+    n: int = Field(
+        1000,
+        strict=True,
+        ge=2,
+        description="Generated images (and real images they are compared with). FID is "
+        "biased upwards at small n: compare figures at the same n only.",
+    )
+    batch_size: int = Field(50, strict=True, ge=1, description="Images per forward pass.")
+    seed: int = Field(
+        0, strict=True, description="Seed of the real sample, the prompts and the latents."
+    )
+    truncation: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="Truncation psi of the generator (1 = none)."
+    )
+    inception_weights: str | None = Field(
+        None,
+        description="Local file of torch-fidelity's InceptionV3 weights (pt_inception-2015-12-"
+        f"05 state dict, published at {INCEPTION_URL}); needed by fid and kid.",
+    )
+    inception_features: Literal[64, 192, 768, 2048] = Field(
+        2048,
+        description="InceptionV3 layer whose features FID/KID compare (2048 = the standard "
+        "pool features; the smaller ones are cheaper and only comparable among themselves).",
+    )
+    kid_subsets: int = Field(100, strict=True, ge=1, description="KID: number of subsets.")
+    kid_subset_size: int = Field(
+        1000,
+        strict=True,
+        ge=2,
+        description="KID: images per subset; at most the number of images, which it is cut "
+        "to (and reported) when n is smaller.",
+    )
+    clip_weights: str | None = Field(
+        None, description="Local open_clip weights file (.safetensors/.pt); needed by clip."
+    )
+    clip_model: str = Field(
+        "ViT-B-32",
+        description="open_clip model name whose bundled config fits clip_weights (a label "
+        "when clip_config is given).",
+    )
+    clip_config: dict[str, Any] | None = Field(
+        None,
+        description="A full open_clip model config (embed_dim, vision_cfg, text_cfg) that "
+        "replaces clip_model's bundled one.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where real-image features and the alignment classifier are cached; "
+        "default: the caller's, else $GIGAGAN_CACHE_DIR or ~/.cache/gigagan.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalSpec:
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"metrics lists a metric twice: {list(self.metrics)}")
+        for problem in self.missing_weights():
+            raise ValueError(problem)
+        return self
+
+    def missing_weights(self) -> list[str]:
+        """One message per metric whose weights file is not named (empty when all are)."""
+        problems = []
+        wanted = [m for m in ("fid", "kid") if m in self.metrics]
+        if wanted and self.inception_weights is None:
+            problems.append(
+                f"{'/'.join(m.upper() for m in wanted)} need{'s' if len(wanted) == 1 else ''} "
+                "--inception-weights "
+                f"(inception_weights): {INCEPTION_HINT}"
+            )
+        if "clip" in self.metrics and self.clip_weights is None:
+            problems.append(f"CLIP score needs --clip-weights (clip_weights): {CLIP_HINT}")
+        return problems
+
+    def check_files(self) -> None:
+        """Raise :class:`RunError` unless every weights file the metrics need exists (call
+        it when a run starts, so a typo does not surface at the first evaluation)."""
+        if any(m in self.metrics for m in ("fid", "kid")):
+            check_weights_file(self.inception_weights, "--inception-weights", INCEPTION_HINT)
+        if "clip" in self.metrics:
+            check_weights_file(self.clip_weights, "--clip-weights", CLIP_HINT)
+
+
+def check_weights_file(path: str | None, option: str, hint: str) -> Path:
+    """The weights file ``path`` names, or a :class:`RunError` saying which option (and what
+    file, ``hint``) is missing or wrong."""
+    if path is None:
+        raise RunError(f"{option} is not given; it names {hint}")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        what = "is a folder, not a file" if file.is_dir() else "no such file"
+        raise RunError(f"{option} {file}: {what}; it should be {hint}")
+    return file
+
+
+
+# ---- the run ----------------------------------------------------------------------------
 
 
 class AdamSpec(_Section):
@@ -246,8 +408,6 @@ class RunSpec(BaseModel):
             if isinstance(up_preset, str) and (
                 data.get("upsampler") is None or data.get("discriminator") is None
             ):
-                from gigagan_upsampler.presets import load_upsampler_preset
-
                 loaded_up = load_upsampler_preset(up_preset)
                 if data.get("upsampler") is None:
                     data["upsampler"] = loaded_up.upsampler
@@ -258,8 +418,6 @@ class RunSpec(BaseModel):
         missing = [k for k in ("generator", "discriminator") if data.get(k) is None]
         if not missing or not isinstance(preset, str):
             return data  # a non-string preset is reported by the field's own validation
-        from gigagan_core.presets import load_preset
-
         loaded = load_preset(preset)
         return {**data, **{k: getattr(loaded, k) for k in missing}}
 
@@ -315,8 +473,6 @@ class RunSpec(BaseModel):
             )
         if self.steps is None and self.kimg is None:
             raise ValueError("give the run's length: steps or kimg")
-        from gigagan_train.run import check_text_encoder_rule
-
         try:
             check_text_encoder_rule(self)
         except Exception as exc:  # reported as a validation error of the run
@@ -353,3 +509,39 @@ class RunSpec(BaseModel):
         out["dataset"] = self.dataset
         out.update({f"losses.{i}": spec for i, spec in enumerate(self.losses)})
         return out
+
+
+# ---- the text-encoder rule -------------------------------------------------------------
+
+
+def accepts_argument(factory: Any, name: str) -> bool:
+    """Whether a component factory (its ``from_spec`` when it has one) takes ``name``."""
+    target = getattr(factory, "from_spec", factory)
+    try:
+        return name in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def check_text_encoder_rule(spec: RunSpec) -> None:
+    """Refuse a text-conditional run whose discriminator cannot receive the text encoder
+    (the rule in this module's docstring)."""
+    if getattr(spec.model, "text_encoder", None) is None:
+        return
+    reg = get_registry().get("discriminator", spec.discriminator.kind)
+    model_path = "upsampler" if spec.trains_upsampler else "generator"
+    if not accepts_argument(reg.factory, "text_encoder"):
+        raise RunError(
+            f"discriminator kind '{spec.discriminator.kind}' ({reg.source}) takes no "
+            f"text_encoder, but the {model_path} is text-conditional: add a "
+            "`text_encoder=None` parameter to its from_spec (it receives the run's frozen "
+            "encoder), or train an unconditional model"
+        )
+    if "text_encoder" in type(spec.discriminator).model_fields and (
+        getattr(spec.discriminator, "text_encoder", None) is None
+    ):
+        raise RunError(
+            f"discriminator.text_encoder is null, but the {model_path} is text-conditional: "
+            f"set it to the {model_path}'s text_encoder table (the two then share one frozen "
+            "encoder)"
+        )

@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch.utils.data import Dataset
 
-from gigagan_core.specs import ComponentSpec
-from gigagan_train.errors import RunError
-from gigagan_train.imageio import (
+from gigagan_train.data.common import ImageDatasetSpec, MissingCaption
+from gigagan_train.data.imageio import (
     IMAGE_EXTENSIONS,
     BadImageError,
     CropMode,
@@ -39,12 +38,12 @@ from gigagan_train.imageio import (
     derive_seed,
     parse_colour,
 )
+from gigagan_train.errors import RunError
 
 __all__ = ["FolderIndex", "ImageFolder", "ImageFolderSpec", "scan_folder"]
 
 log = logging.getLogger(__name__)
 
-MissingCaption = Literal["skip", "empty"]
 _METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 _EXAMPLES = 3  # file names quoted in a log line or an error
 
@@ -54,17 +53,7 @@ def _examples(names: list[str]) -> str:
     return shown + (f" and {len(names) - _EXAMPLES} more" if len(names) > _EXAMPLES else "")
 
 
-class DataSpecMixin:
-    """Validators shared by the image dataset specs."""
-
-    @field_validator("background", check_fields=False)
-    @classmethod
-    def _known_colour(cls, value: str) -> str:
-        parse_colour(value)
-        return value
-
-
-class ImageFolderSpec(DataSpecMixin, ComponentSpec):
+class ImageFolderSpec(ImageDatasetSpec):
     """Spec of :class:`ImageFolder`."""
 
     role: ClassVar[str] = "dataset"
@@ -73,35 +62,11 @@ class ImageFolderSpec(DataSpecMixin, ComponentSpec):
         description="The folder of images; a relative path is relative to the working "
         "directory of the run."
     )
-    resolution: int = Field(
-        256, ge=8, le=4096, description="Image side in pixels (the model's resolution)."
-    )
     caption_column: str = Field(
         "text", min_length=1, description="Column of metadata.jsonl/.csv that holds captions."
     )
-    missing_caption: MissingCaption = Field(
-        "skip",
-        description="Images with no caption: 'skip' leaves them out (counted in the log), "
-        "'empty' keeps them with the caption ''.",
-    )
-    crop: CropMode = Field(
-        "center",
-        description="Square cut after resizing the shorter side: 'center' or 'random'.",
-    )
-    flip: bool = Field(False, description="Mirror each image left-right with probability 1/2.")
-    background: str = Field(
-        "white",
-        description="Colour that transparent pixels are composited on (a name or '#rrggbb').",
-    )
     seed: int = Field(
         0, description="Seed of random crops and flips (with the index and a draw counter)."
-    )
-    max_bad_fraction: float = Field(
-        0.01,
-        ge=0.0,
-        le=1.0,
-        description="The run stops once more than this fraction of the files proved "
-        "unreadable (distinct bad files / images).",
     )
 
 
@@ -305,7 +270,7 @@ class ImageFolder(Dataset):
     Items are ``{"image": Tensor[3 R R] in [-1, 1], "caption": str, "skipped": list[str]}``.
 
     Each image is resized (shorter side to ``resolution``, antialiased) and cropped to a square,
-    optionally flipped; every colour mode becomes RGB (:mod:`gigagan_train.imageio`). An item
+    optionally flipped; every colour mode becomes RGB (:mod:`gigagan_train.data.imageio`). An item
     whose file cannot be decoded is replaced by the next decodable index (``i + 1, i + 2, ...``
     modulo the length); the bad files passed over are named in ``"skipped"`` and remembered, so
     each is decoded once per process. Random crops and flips draw from a generator seeded by

@@ -18,9 +18,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gigagan_train.errors import RunError
+from pydantic import ValidationError
 
-__all__ = ["add_eval_command"]
+from gigagan_train.checkpoint import find_checkpoint
+from gigagan_train.errors import RunError
+from gigagan_train.evaluation.evaluate import dataset_of, evaluate_checkpoint, format_summary
+from gigagan_train.spec import METRICS, EvalSpec
+
+__all__ = ["add_parser"]
 
 
 def _say(line: str = "") -> None:
@@ -45,16 +50,6 @@ def _read_clip_config(path: str | None) -> dict[str, Any] | None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from gigagan_train.checkpoint import find_checkpoint
-    from gigagan_train.evaluate import (
-        EvalSpec,
-        _dataset_of,
-        evaluate_checkpoint,
-        format_summary,
-    )
-
     checkpoint = Path(args.checkpoint)
     if not checkpoint.exists():
         raise RunError(f"{checkpoint}: no such checkpoint, run or model folder")
@@ -63,7 +58,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         data: Any = args.data  # an image folder: read at the generator's resolution
         kind = "imagefolder"
     else:
-        data = _dataset_of(args.data, ckpt_folder)
+        data = dataset_of(args.data, ckpt_folder)
         kind = getattr(data, "kind", "?")
     metrics = args.metrics
     if not metrics:
@@ -120,12 +115,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_command(
-    sub: argparse._SubParsersAction, common: argparse.ArgumentParser
-) -> argparse.ArgumentParser:
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``gigagan eval`` to the ``gigagan`` parser's subcommands."""
-    from gigagan_train.evaluate import METRICS
-
     p = sub.add_parser(
         "eval",
         parents=[common],

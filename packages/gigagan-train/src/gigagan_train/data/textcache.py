@@ -26,9 +26,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from gigagan_core.nets.text_features import TextFeatures
+from gigagan_train import distributed
 from gigagan_train.distributed import module_digest
 
-__all__ = ["TextFeatureCache", "encoder_digest"]
+__all__ = ["TextFeatureCache", "encoder_digest", "open_text_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +185,24 @@ def _cat_padded(parts: Sequence[TextFeatures]) -> TextFeatures:
             )
         )
     return TextFeatures.cat(padded)
+
+
+def open_text_cache(
+    encoder: nn.Module,
+    path: Path,
+    *,
+    device: torch.device,
+    dataset: Any,
+    is_main: bool = True,
+) -> TextFeatureCache:
+    """A run's text-feature cache at ``path``, built by the main process from the captions
+    of ``dataset`` when it lists them (``dataset.captions()``); the other processes wait,
+    then read the same file. A collective in a multi-process run."""
+    cache = TextFeatureCache(encoder, path, digest=encoder_digest(encoder), device=device)
+    captions = getattr(dataset, "captions", None)
+    if callable(captions):
+        if is_main:
+            cache.build([str(c) for c in captions()])
+        distributed.barrier()
+        cache.reload()
+    return cache

@@ -10,15 +10,15 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_data_parser"]
+from tqdm import tqdm
+
+from gigagan_train.data.shards import pack
+from gigagan_train.errors import RunError
+
+__all__ = ["add_parser"]
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from gigagan_train.errors import RunError
-    from gigagan_train.shards import pack
-
     if args.shard_size < 1:
         raise RunError(f"--shard-size must be at least 1, got {args.shard_size}")
 
@@ -68,7 +68,7 @@ def _toml_string(text: str) -> str:
     return f'"{escaped}"'
 
 
-def add_data_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add ``gigagan data ...`` to the ``gigagan`` command's subparsers ``sub``."""
     data = sub.add_parser("data", help="dataset tools (pack an image folder into shards)")
     tools = data.add_subparsers(dest="data_command", metavar="{pack}", required=True)

@@ -10,7 +10,7 @@ Reading, URL expansion (``data/shard-{000000..000099}.tar``) and writing are the
 ``expand_urls``, ``ShardWriter``); the shard split, shuffle buffer and skipping are here, so
 that each process's stream is reproducible from ``(seed, rank, worker)`` and names the
 samples it had to pass over. Images go through the same decode path as the ``imagefolder``
-dataset (:mod:`gigagan_train.imageio`).
+dataset (:mod:`gigagan_train.data.imageio`).
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 from webdataset.writer import ShardWriter
 
-from gigagan_core.specs import ComponentSpec
-from gigagan_train.errors import RunError
-from gigagan_train.folder import DataSpecMixin, MissingCaption, scan_folder
-from gigagan_train.imageio import (
+from gigagan_train.data.common import ImageDatasetSpec, MissingCaption
+from gigagan_train.data.folder import scan_folder
+from gigagan_train.data.imageio import (
     IMAGE_EXTENSIONS,
     BadImageError,
     CropMode,
@@ -46,6 +45,7 @@ from gigagan_train.imageio import (
     parse_colour,
     uint8_to_float,
 )
+from gigagan_train.errors import RunError
 
 __all__ = [
     "PackSummary",
@@ -64,7 +64,7 @@ _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # http:, pipe:, s3:, file: (not C:)
 
 
-class WebDatasetSpec(DataSpecMixin, ComponentSpec):
+class WebDatasetSpec(ImageDatasetSpec):
     """Spec of :class:`WebDataset`."""
 
     role: ClassVar[str] = "dataset"
@@ -74,28 +74,11 @@ class WebDatasetSpec(DataSpecMixin, ComponentSpec):
         "a folder of .tar files, or a list of these; relative paths are relative to the "
         "working directory of the run."
     )
-    resolution: int = Field(
-        256, ge=8, le=4096, description="Image side in pixels (the model's resolution)."
-    )
     caption_keys: tuple[str, ...] = Field(
         ("text", "caption"),
         min_length=1,
         description="Keys of a sample's json member tried in turn for its caption, when it "
         "has no txt member.",
-    )
-    missing_caption: MissingCaption = Field(
-        "skip",
-        description="Samples with no caption: 'skip' leaves them out (counted in the log), "
-        "'empty' keeps them with the caption ''.",
-    )
-    crop: CropMode = Field(
-        "center",
-        description="Square cut after resizing the shorter side: 'center' or 'random'.",
-    )
-    flip: bool = Field(False, description="Mirror each image left-right with probability 1/2.")
-    background: str = Field(
-        "white",
-        description="Colour that transparent pixels are composited on (a name or '#rrggbb').",
     )
     shuffle_buffer: int = Field(
         1000,
@@ -110,13 +93,6 @@ class WebDatasetSpec(DataSpecMixin, ComponentSpec):
     )
     seed: int = Field(
         0, description="Seed of shard order, shuffle buffer, crops and flips (until configure)."
-    )
-    max_bad_fraction: float = Field(
-        0.01,
-        ge=0.0,
-        le=1.0,
-        description="The run stops once more than this fraction of the samples read proved "
-        "unreadable (bad / (bad + delivered), judged after 1000 samples).",
     )
 
 

@@ -1,20 +1,16 @@
 """Assembling a :class:`~gigagan_train.spec.RunSpec` into the objects a run uses.
 
-**The text-encoder rule.** A run whose trained network (generator or upsampler) is
-text-conditional builds one frozen text encoder, inside that network, and hands it to every
-other component whose factory (or ``from_spec``) takes a ``text_encoder`` argument: the
-discriminator, and any loss that asks for it. A component whose spec names a text encoder
-of its own that differs from the network's keeps its own. A discriminator that takes no
-``text_encoder`` argument in a text-conditional run is refused when the spec is validated
-(:func:`check_text_encoder_rule`), with a message that says what to add; so a plugin
-discriminator is never silently built unconditional.
+:func:`assemble` builds every component the spec names through the plugin registry, sharing
+the trained network's frozen text encoder by the rule in :mod:`gigagan_train.spec`;
+:func:`build_optimizers` makes the two Adams (with the lazy regulariser's correction);
+:func:`dry_run` checks a spec end to end without training.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,18 +20,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gigagan_core.frozen import trainable_parameters
+from gigagan_core.layers import attention
+from gigagan_core.nets import check_discriminator_output
 from gigagan_core.plugins import get_registry
 from gigagan_core.specs import dump_spec
+from gigagan_losses.adversarial import lazy_regularization_adam
+from gigagan_losses.base import LossContext
 from gigagan_train.errors import RunError
 from gigagan_train.images import save_grid
-from gigagan_train.spec import RunSpec
+from gigagan_train.networks import downsample, pyramid_of
+from gigagan_train.spec import AdamSpec, RunSpec, accepts_argument, check_text_encoder_rule
 
 __all__ = [
     "AssembledRun",
     "ComponentSummary",
     "assemble",
-    "check_text_encoder_rule",
+    "build_optimizers",
     "dry_run",
+    "lazy_interval",
+    "make_adam",
     "run_dir",
 ]
 
@@ -75,37 +78,6 @@ def _count_parameters(obj: Any) -> int:
     return sum(p.numel() for p in trainable_parameters(obj))
 
 
-def _accepts(factory: Any, name: str) -> bool:
-    target = getattr(factory, "from_spec", factory)
-    try:
-        return name in inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def check_text_encoder_rule(spec: RunSpec) -> None:
-    """Refuse a text-conditional run whose discriminator cannot receive the text encoder."""
-    if getattr(spec.model, "text_encoder", None) is None:
-        return
-    reg = get_registry().get("discriminator", spec.discriminator.kind)
-    model_path = "upsampler" if spec.trains_upsampler else "generator"
-    if not _accepts(reg.factory, "text_encoder"):
-        raise RunError(
-            f"discriminator kind '{spec.discriminator.kind}' ({reg.source}) takes no "
-            f"text_encoder, but the {model_path} is text-conditional: add a "
-            "`text_encoder=None` parameter to its from_spec (it receives the run's frozen "
-            "encoder), or train an unconditional model"
-        )
-    if "text_encoder" in type(spec.discriminator).model_fields and (
-        getattr(spec.discriminator, "text_encoder", None) is None
-    ):
-        raise RunError(
-            f"discriminator.text_encoder is null, but the {model_path} is text-conditional: "
-            f"set it to the {model_path}'s text_encoder table (the two then share one frozen "
-            "encoder)"
-        )
-
-
 def assemble(spec: RunSpec) -> AssembledRun:
     """Build every component the run names, through the plugin registry, sharing the
     trained network's text encoder by the rule in this module's docstring."""
@@ -123,7 +95,7 @@ def assemble(spec: RunSpec) -> AssembledRun:
         if (
             path != model_path
             and shared is not None
-            and _accepts(reg.factory, "text_encoder")
+            and accepts_argument(reg.factory, "text_encoder")
             and (own is None or own == model_encoder_spec)
         ):
             runtime["text_encoder"] = shared
@@ -142,6 +114,14 @@ def assemble(spec: RunSpec) -> AssembledRun:
         )
         log.info("built %s: %s %s from %s", path, reg.role, reg.kind, reg.source)
     losses = [built[f"losses.{i}"] for i in range(len(spec.losses))]
+    for i, loss_spec in enumerate(spec.losses):
+        if loss_spec.kind == "lpips" and not getattr(loss_spec, "weights", None):
+            log.warning(
+                "losses.%d (lpips) runs without trained LPIPS weights (require_weights = "
+                "false): its distances are those of a random network; name a local weights "
+                "file for real LPIPS",
+                i,
+            )
     return AssembledRun(
         spec=spec,
         model=built[model_path],
@@ -152,20 +132,87 @@ def assemble(spec: RunSpec) -> AssembledRun:
     )
 
 
+def lazy_interval(loss: nn.Module) -> int:
+    """The interval of a lazy D regulariser (R1 with ``interval > 1``), else 0.
+
+    A loss is run as its own lazy D step when it contributes to the D phase only and its
+    spec has an integer ``interval`` above 1; its terms are computed every ``interval``
+    steps (the loss's own ``active``) and already carry the ``x interval`` factor.
+    """
+    spec = getattr(loss, "spec", None)
+    interval = getattr(spec, "interval", None)
+    phases = set(getattr(loss, "phases", ()))
+    if phases == {"D"} and isinstance(interval, int) and interval > 1:
+        return interval
+    return 0
+
+
+_ATTENTION_TYPES = tuple(
+    obj
+    for obj in vars(attention).values()
+    if isinstance(obj, type) and issubclass(obj, nn.Module) and "Attention" in obj.__name__
+)
+
+
+def _param_groups(module: nn.Module, extra: Sequence[nn.Parameter], spec: AdamSpec) -> list[dict]:
+    """Two groups: attention weights (decayed, METHOD §1) and everything else."""
+    decayed: set[int] = set()
+    for sub in module.modules():
+        if isinstance(sub, _ATTENTION_TYPES):
+            for name, p in sub.named_parameters():
+                if name.endswith("weight") and p.ndim >= 2:
+                    decayed.add(id(p))
+    params = [*trainable_parameters(module), *extra]
+    seen: set[int] = set()
+    unique = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            unique.append(p)
+    groups = [
+        {
+            "params": [p for p in unique if id(p) in decayed],
+            "weight_decay": spec.attention_weight_decay,
+        },
+        {"params": [p for p in unique if id(p) not in decayed], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_adam(
+    module: nn.Module, extra: Sequence[nn.Parameter], spec: AdamSpec, interval: int = 0
+) -> torch.optim.Optimizer:
+    """AdamW over ``module``'s trainable parameters and ``extra``; decoupled weight decay on
+    attention weights only; lr and betas corrected for a lazy regulariser every
+    ``interval`` steps (:func:`~gigagan_losses.adversarial.lazy_regularization_adam`)."""
+    lr, betas = spec.lr, spec.betas
+    if interval > 1:
+        lr, betas = lazy_regularization_adam(lr, betas, interval)
+    return torch.optim.AdamW(
+        _param_groups(module, extra, spec), lr=lr, betas=betas, eps=spec.eps, foreach=True
+    )
+
+
+def build_optimizers(
+    spec: RunSpec, model: nn.Module, discriminator: nn.Module, losses: Sequence[nn.Module]
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer, int]:
+    """G's and D's optimisers, and the lazy regularisation interval (0: none).
+
+    D's optimiser also gets the trainable parameters of losses active in the D phase
+    (vision-aided heads) and, when a lazy regulariser runs every ``interval`` steps, its
+    lr and betas corrected for it."""
+    interval = min((i for i in map(lazy_interval, losses) if i), default=0)
+    d_side = [p for loss in losses if "D" in loss.phases for p in loss.trainable_parameters()]
+    opt_g = make_adam(model, [], spec.optimizer.generator)
+    opt_d = make_adam(discriminator, d_side, spec.optimizer.discriminator, interval)
+    return opt_g, opt_d, interval
+
+
 def run_dir(spec: RunSpec, override: str | Path | None = None) -> Path:
     return Path(override or spec.output_dir or Path("runs") / spec.name)
 
 
 def _check_discriminator_output(out: Any, where: str) -> None:
-    try:
-        from gigagan_core.nets import check_discriminator_output
-    except ImportError:  # an older gigagan-core: the minimal contract the losses read
-        if not (callable(getattr(out, "pairs", None)) and hasattr(out, "__getitem__")):
-            raise RunError(
-                f"{where} returned {type(out).__name__}; a discriminator must return an "
-                "output with pairs() and [i, j] logit maps (see DiscriminatorOutput)"
-            ) from None
-        return
     try:
         check_discriminator_output(out, where)
     except (TypeError, ValueError) as exc:
@@ -176,9 +223,6 @@ def _check_forward(run: AssembledRun, batch: dict[str, Any]) -> None:
     """One G -> D -> every loss forward on ``batch`` (no optimiser step), in both phases.
 
     A failure names the component's path in the spec (``discriminator``, ``losses.2``)."""
-    from gigagan_losses.base import LossContext
-    from gigagan_train.trainer import _pyramid, downsample
-
     spec = run.spec
     model_path = "upsampler" if spec.trains_upsampler else "generator"
     real = batch["image"][: max(2, min(4, len(batch["image"])))]
@@ -187,10 +231,10 @@ def _check_forward(run: AssembledRun, batch: dict[str, Any]) -> None:
     try:  # with its graph: the G-phase losses are checked on it
         if spec.trains_upsampler:
             low = downsample(real, int(getattr(run.model, "scale", 1)))
-            fake = _pyramid(run.model(low, texts))
+            fake = pyramid_of(run.model(low, texts))
         else:
             z = torch.randn(len(real), run.model.z_dim)
-            fake = _pyramid(run.model(z, texts))
+            fake = pyramid_of(run.model(z, texts))
     except Exception as exc:
         raise RunError(f"{model_path}: forward failed: {type(exc).__name__}: {exc}") from exc
     try:

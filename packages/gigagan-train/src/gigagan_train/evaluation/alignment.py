@@ -8,7 +8,7 @@ a cache folder keyed by resolution and training recipe. A generated image is *al
 the classifier reads back the attributes its prompt asked for; :func:`attribute_accuracy`
 gives the per-attribute and all-correct rates. The classifier's penultimate features
 (``b d``) also give a Fréchet distance between generated and real sets (computed in
-:mod:`gigagan_train.evaluate` with torchmetrics).
+:mod:`gigagan_train.evaluation.metrics` with torchmetrics).
 
 The recipe is fixed (:data:`RECIPE`): the same resolution gives the same classifier on the
 same software, and its file's sha256 is reported with every score.
@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gigagan_train.data import _COLOURS, _SHAPES, SyntheticShapes
+from gigagan_train.data import synthetic
+from gigagan_train.data.synthetic import SyntheticShapes
 from gigagan_train.errors import RunError
 
 __all__ = [
@@ -52,9 +53,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-COLOURS: tuple[str, ...] = tuple(_COLOURS)
+COLOURS: tuple[str, ...] = tuple(synthetic.COLOURS)
 """Colour names of the synthetic-shapes data, in label order."""
-SHAPES: tuple[str, ...] = tuple(_SHAPES)
+SHAPES: tuple[str, ...] = synthetic.SHAPES
 """Shape names of the synthetic-shapes data, in label order."""
 ATTRIBUTES = ("foreground", "shape", "background")
 """The three attributes a caption names, in label-column order."""
@@ -75,7 +76,7 @@ RECIPE: dict[str, Any] = {
     "init_seed": 0,
 }
 """How the cached classifier is trained. ``train_seed`` / ``check_seed`` are
-:class:`~gigagan_train.data.SyntheticShapes` seeds no dataset preset uses; the noise is
+:class:`~gigagan_train.data.synthetic.SyntheticShapes` seeds no dataset preset uses; the noise is
 Gaussian pixel noise of a per-image standard deviation drawn from ``[0, noise_std]``, so the
 classifier reads colours and outlines, not exact pixel values."""
 
