@@ -6,7 +6,7 @@ PACKAGES := packages/gigagan-core packages/gigagan-losses packages/gigagan-upsam
 TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench bench-ref wheels clean
+.PHONY: setup demo test lint typecheck bench bench-ref wheels clean
 
 setup: $(STAMP)
 
@@ -29,11 +29,15 @@ demo: setup
 	$(BIN)/gigagan train demo --overwrite
 	$(BIN)/gigagan sample runs/demo --prompt $(DEMO_PROMPTS) -n 6 --seed 1 --out runs/demo/grid.png
 
-test: setup
+# What CI runs: lint, the type check of gigagan-train, then the test suite.
+test: lint typecheck
 	$(BIN)/python -m pytest -n 2 -q
 
 lint: setup
 	$(BIN)/ruff check packages examples tests benchmarks
+
+typecheck: setup
+	$(BIN)/python -m mypy
 
 bench: setup
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -25,7 +25,7 @@ from gigagan_core.nets import check_discriminator_output
 from gigagan_core.plugins import get_registry
 from gigagan_core.specs import dump_spec
 from gigagan_losses.adversarial import lazy_regularization_adam
-from gigagan_losses.base import LossContext
+from gigagan_losses.base import Loss, LossContext, Phase
 from gigagan_train.errors import RunError
 from gigagan_train.images import save_grid
 from gigagan_train.networks import downsample, pyramid_of
@@ -62,7 +62,7 @@ class AssembledRun:
     model: nn.Module
     discriminator: nn.Module
     dataset: Any
-    losses: list[Any]
+    losses: list[Loss]
     summary: list[ComponentSummary] = field(default_factory=list)
 
     @property
@@ -194,7 +194,7 @@ def make_adam(
 
 
 def build_optimizers(
-    spec: RunSpec, model: nn.Module, discriminator: nn.Module, losses: Sequence[nn.Module]
+    spec: RunSpec, model: nn.Module, discriminator: nn.Module, losses: Sequence[Loss]
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer, int]:
     """G's and D's optimisers, and the lazy regularisation interval (0: none).
 
@@ -233,7 +233,7 @@ def _check_forward(run: AssembledRun, batch: dict[str, Any]) -> None:
             low = downsample(real, int(getattr(run.model, "scale", 1)))
             fake = pyramid_of(run.model(low, texts))
         else:
-            z = torch.randn(len(real), run.model.z_dim)
+            z = torch.randn(len(real), int(getattr(run.model, "z_dim")))  # noqa: B009
             fake = pyramid_of(run.model(z, texts))
     except Exception as exc:
         raise RunError(f"{model_path}: forward failed: {type(exc).__name__}: {exc}") from exc
@@ -244,9 +244,10 @@ def _check_forward(run: AssembledRun, batch: dict[str, Any]) -> None:
         raise
     except Exception as exc:
         raise RunError(f"discriminator: forward failed: {type(exc).__name__}: {exc}") from exc
-    for phase in ("D", "G"):
+    phases: tuple[Phase, ...] = ("D", "G")
+    for phase in phases:
         ctx = LossContext(
-            phase=phase,  # type: ignore[arg-type]
+            phase=phase,
             step=0,
             real=real,
             texts=texts,

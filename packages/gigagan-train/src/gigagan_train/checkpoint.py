@@ -143,8 +143,9 @@ def write_latest(root: Path, folder_name: str) -> None:
 
 def save_module(module: nn.Module, folder: Path) -> None:
     """``module.save_pretrained(folder)``, or the same two files for a component without it."""
-    if hasattr(module, "save_pretrained"):
-        module.save_pretrained(folder)
+    save_pretrained = getattr(module, "save_pretrained", None)
+    if callable(save_pretrained):
+        save_pretrained(folder)
         return
     folder.mkdir(parents=True, exist_ok=True)
     spec = getattr(module, "spec", None)

@@ -48,7 +48,7 @@ def resolve_device(name: str) -> torch.device:
 
 def module_device(module: nn.Module) -> torch.device:
     """Where ``module``'s first parameter (or buffer) lives; CPU for an empty module."""
-    tensor = next(module.parameters(), None)
+    tensor: Tensor | None = next(module.parameters(), None)
     if tensor is None:
         tensor = next(module.buffers(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
@@ -112,7 +112,7 @@ def load_network(path: str | Path, role: str) -> Any:
         raise RunError(f"{folder / 'config.json'}: not readable ({exc})") from exc
     kind = config.get("kind") if isinstance(config, dict) else None
     registry = get_registry()
-    if not registry.has(role, kind):
+    if not isinstance(kind, str) or not registry.has(role, kind):
         other = next((r for r in registry.roles() if registry.has(r, kind)), None)
         what = f"a {other} ('{kind}')" if other else f"kind {kind!r}"
         raise RunError(f"{folder}: holds {what}, not a {role}")

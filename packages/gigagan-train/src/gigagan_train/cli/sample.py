@@ -34,9 +34,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         elif args.style_mix:
             images, captions, nrow = _style_mix(net, prompts, args)
         else:
-            texts = [p for p in (prompts or [None]) for _ in range(args.n)]
-            if prompts is None:
-                texts = None
+            texts = [p for p in prompts for _ in range(args.n)] if prompts is not None else None
             num = len(texts) if texts is not None else args.n
             images = net.sample(texts, num=num, seed=args.seed, psi=psi).image
             captions = texts
@@ -66,7 +64,7 @@ def _interpolate(net: Any, prompts: list[str] | None, args: argparse.Namespace) 
         ]
         return images, captions, frames
     # latent: one strip per prompt (or one unconditional strip), slerp between two seeds' z
-    rows = prompts or [None]
+    rows: list[str | None] = list(prompts) if prompts else [None]
     strips, captions = [], []
     for prompt in rows:
         z = net.interpolate(net.sample_z(1, generator=gen), net.sample_z(1, generator=gen), frames)

@@ -35,7 +35,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     if args.prompt is not None and not getattr(up, "conditional", False):
         raise UserError("this upsampler is unconditional; it takes no --prompt")
     for path, image in images:
-        result = upsample(up, image, args.prompt, tile=args.tile, seed=args.seed, output="pil")
+        result: Any = upsample(up, image, args.prompt, tile=args.tile, seed=args.seed, output="pil")
         target = out / f"{path.stem}_x{up.scale}.png"
         result.save(target)
         print(f"wrote {target} ({result.width}x{result.height})")

@@ -147,7 +147,7 @@ def decode_image(
     except Exception as exc:
         raise BadImageError(f"{type(exc).__name__}: {exc}") from None
     try:
-        image = ImageOps.exif_transpose(image)
+        image = ImageOps.exif_transpose(image)  # type: ignore[assignment]
     except Exception:  # a broken EXIF block: keep the pixels as stored
         pass
     try:

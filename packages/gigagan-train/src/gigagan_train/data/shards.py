@@ -440,8 +440,8 @@ def pack(
             path.unlink()
     order = list(range(len(index.files)))
     if shuffle_seed is not None:
-        order = torch.randperm(len(order), generator=torch.Generator().manual_seed(shuffle_seed))
-        order = order.tolist()
+        generator = torch.Generator().manual_seed(shuffle_seed)
+        order = torch.randperm(len(order), generator=generator).tolist()
     writer: ShardWriter | None = None
     written: list[Path] = []
     bad: list[str] = []

@@ -6,6 +6,7 @@ All take features ``n d`` computed elsewhere (Inception, the alignment classifie
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ class _Precomputed(nn.Module):
 
 # Each process computes its own figures: never gather across a process group (an
 # evaluation on rank 0 alone would wait for the other ranks forever).
-_LOCAL = {"sync_on_compute": False, "dist_sync_on_step": False}
+_LOCAL: dict[str, Any] = {"sync_on_compute": False, "dist_sync_on_step": False}
 
 
 def _check_features(real: Tensor, fake: Tensor) -> None:

@@ -109,6 +109,7 @@ def generate_images(
             out = sample(texts, num=count, seed=batch_seed, psi=psi)
         else:
             gen = torch.Generator(device).manual_seed(batch_seed)
-            z = torch.randn(count, int(generator.z_dim), generator=gen, device=device)
+            z_dim = int(getattr(generator, "z_dim"))  # noqa: B009 - a module attribute
+            z = torch.randn(count, z_dim, generator=gen, device=device)
             out = generator(z, texts)
         yield first_image(out).detach().float().clamp(-1, 1).cpu(), texts

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gigagan_losses.base import LossContext
+from gigagan_losses.base import Loss, LossContext, Phase
 from gigagan_train.loop.guard import NanGuard
 from gigagan_train.loop.logs import StepResult
 from gigagan_train.loop.replicas import Replicas
@@ -99,7 +99,8 @@ class PhaseRunner:
         if self.upsampler:
             low = downsample(micro.real, int(getattr(self.G, "scale", 1)))
             return pyramid_of(self.replicas.G(low, text, **kwargs))
-        z = torch.randn(micro.real.shape[0], self.G.z_dim, device=self.device)
+        z_dim = int(getattr(self.G, "z_dim"))  # noqa: B009 - a module attribute
+        z = torch.randn(micro.real.shape[0], z_dim, device=self.device)
         return pyramid_of(self.replicas.G(z, text, **kwargs))
 
     def _autocast(self, enabled: bool) -> contextlib.AbstractContextManager[Any]:
@@ -108,7 +109,7 @@ class PhaseRunner:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _terms(
-        self, losses: Sequence[nn.Module], ctx: LossContext, label: str
+        self, losses: Sequence[Loss], ctx: LossContext, label: str
     ) -> tuple[Tensor | None, dict[str, Tensor]]:
         total: Tensor | None = None
         named: dict[str, Tensor] = {}
@@ -124,8 +125,8 @@ class PhaseRunner:
 
     def run(
         self,
-        phase: str,
-        losses: Sequence[nn.Module],
+        phase: Phase,
+        losses: Sequence[Loss],
         micro: Sequence[MicroBatch],
         optimizer: torch.optim.Optimizer,
         adam: AdamSpec,
@@ -156,7 +157,7 @@ class PhaseRunner:
                     else:
                         fake = self.fakes(part, track_w_avg=True)
                     ctx = LossContext(
-                        phase=phase,  # type: ignore[arg-type]
+                        phase=phase,
                         step=step,
                         real=part.real,
                         texts=part.texts,

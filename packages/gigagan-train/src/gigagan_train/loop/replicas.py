@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from gigagan_core.frozen import trainable_parameters
+from gigagan_losses.base import Loss
 
 __all__ = ["Replica", "Replicas", "replicate"]
 
@@ -49,7 +50,7 @@ class Replicas:
         self,
         generator: nn.Module,
         discriminator: nn.Module,
-        losses: Sequence[nn.Module],
+        losses: Sequence[Loss],
         world_size: int,
     ) -> None:
         self.world_size = world_size
@@ -70,7 +71,7 @@ class Replicas:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def loss(self, loss: nn.Module) -> nn.Module:
+    def loss(self, loss: Loss) -> nn.Module:
         """What to call for ``loss``: its replica when it has one."""
         return self._losses.get(id(loss), loss)
 
@@ -87,7 +88,7 @@ class Replicas:
                 stack.enter_context(module.no_sync())
         return stack
 
-    def touch_all(self, total: Tensor, phase: str, active: Sequence[nn.Module]) -> Tensor:
+    def touch_all(self, total: Tensor, phase: str, active: Sequence[Loss]) -> Tensor:
         """StyleGAN2's zero-times trick on the parameters themselves: ``total + 0 * sum(p)``
         over every parameter of the replicas this phase calls, so each takes part in every
         backward (R1's double backward leaves output biases without a gradient) and DDP's

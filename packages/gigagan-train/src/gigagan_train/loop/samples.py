@@ -82,7 +82,8 @@ class SampleGrids:
             images = pyramid_of(out)[0]
         else:
             torch.manual_seed(sampling.seed)
-            z = torch.randn(num, generator.z_dim, device=self.device)
+            z_dim = int(getattr(generator, "z_dim"))  # noqa: B009 - a module attribute
+            z = torch.randn(num, z_dim, device=self.device)
             images = pyramid_of(generator(z, prompts))[0]
         return images.float().clamp(-1, 1), prompts, max(1, math.ceil(num**0.5))
 
