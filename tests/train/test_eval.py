@@ -277,6 +277,27 @@ def test_images_made_elsewhere_score_like_the_generators_own(files):
 # ---- gigagan eval -----------------------------------------------------------------------------
 
 
+def test_recall_tells_a_collapsed_generator_from_the_real_sample(files):
+    from gigagan_train.evaluation import draw_real, eval_prompts
+    from gigagan_train.evaluation.samples import build_dataset
+
+    dataset = RunSpec.model_validate(tiny_run()).dataset
+    spec = EvalSpec(n=32, batch_size=16, seed=4)
+    prompts = eval_prompts(dataset, spec)
+    images = torch.cat(list(draw_real(build_dataset(dataset), spec.n, spec.seed).batches(16)))
+    same = evaluate_images(images, prompts, dataset, spec, cache_dir=files["cache"])
+    pr = same["alignment"]["precision_recall"]
+    assert (pr["precision"], pr["recall"]) == (1.0, 1.0)
+    assert 0.5 < pr["real_recall"] <= 1.0 and 0.5 < pr["real_precision"] <= 1.0
+    # one image for every prompt: precise, but it covers almost none of the real sample
+    collapsed = images[:1].expand_as(images).contiguous()
+    bad = evaluate_images(collapsed, prompts, dataset, spec, cache_dir=files["cache"])
+    assert bad["alignment"]["precision_recall"]["recall"] < 0.1 * pr["real_recall"]
+    flat = scalar_metrics(bad)
+    assert flat["eval/alignment/recall"] == bad["alignment"]["precision_recall"]["recall"]
+    assert "eval/alignment/real_recall" in flat
+
+
 def test_gigagan_eval_end_to_end(run: Trainer, files, tmp_path: Path):
     out = tmp_path / "metrics.json"
     result = subprocess.run(

@@ -26,6 +26,7 @@ from gigagan_train.evaluation.metrics import (
     frechet_distance,
     kernel_inception_distance,
     kid_subset_size,
+    precision_recall,
 )
 from gigagan_train.evaluation.samples import RealSample, draw_real, eval_prompts, generate_images
 from gigagan_train.spec import INCEPTION_URL, METRICS, EvalSpec
@@ -51,5 +52,6 @@ __all__ = [
     "kid_subset_size",
     "load_clip_scorer",
     "load_inception",
+    "precision_recall",
     "scalar_metrics",
 ]

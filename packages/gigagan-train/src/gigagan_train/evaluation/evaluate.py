@@ -65,7 +65,11 @@ from gigagan_train.evaluation.cache import (
 )
 from gigagan_train.evaluation.clip_score import clip_score, load_clip_scorer
 from gigagan_train.evaluation.inception import RESIZE, inception_features, load_inception
-from gigagan_train.evaluation.metrics import frechet_distance, kernel_inception_distance
+from gigagan_train.evaluation.metrics import (
+    frechet_distance,
+    kernel_inception_distance,
+    precision_recall,
+)
 from gigagan_train.evaluation.samples import RealSample, build_dataset, draw_real, generate_images
 from gigagan_train.networks import load_network, module_device, resolve_device
 from gigagan_train.presets import resolve_spec_path
@@ -167,6 +171,15 @@ class _Alignment:
         out["real_accuracy"] = self.real_accuracy
         out["fd"] = frechet_distance(self.real_features, fake)
         out["fd_real_floor"] = frechet_distance(self.real_features, self.floor_features)
+        # diversity: improved precision / recall in the same features, beside the values
+        # of a second real set of the same size (what a perfect generator would get)
+        ours = precision_recall(self.real_features, fake)
+        floor = precision_recall(self.real_features, self.floor_features)
+        out["precision_recall"] = {
+            **ours,
+            "real_precision": floor["precision"],
+            "real_recall": floor["recall"],
+        }
         out["feature_dim"] = int(fake.shape[1])
         out["classifier"] = self.identity
         return out
@@ -516,6 +529,9 @@ def scalar_metrics(result: dict[str, Any], prefix: str = "eval/") -> dict[str, f
             out[f"{prefix}alignment/{name}"] = value
         out[f"{prefix}alignment/fd"] = alignment["fd"]
         out[f"{prefix}alignment/fd_real_floor"] = alignment["fd_real_floor"]
+        for name, value in (alignment.get("precision_recall") or {}).items():
+            if name != "k":
+                out[f"{prefix}alignment/{name}"] = value
     if "fid" in result:
         out[f"{prefix}fid"] = result["fid"]["value"]
     if "kid" in result:
@@ -549,6 +565,12 @@ def format_summary(result: dict[str, Any]) -> list[str]:
             f"  classifier FD {alignment['fd']:.4g}  (real-vs-real floor at this n: "
             f"{alignment['fd_real_floor']:.4g})"
         )
+        pr = alignment.get("precision_recall")
+        if pr:
+            lines.append(
+                f"  precision {pr['precision']:.3f}, recall {pr['recall']:.3f}  (real vs real: "
+                f"{pr['real_precision']:.3f}, {pr['real_recall']:.3f}; k = {pr['k']})"
+            )
     if "fid" in result:
         fid = result["fid"]
         lines.append(f"  FID         {fid['value']:.4g}  (Inception {fid['features']}-d)")

@@ -1,4 +1,5 @@
-"""Distances between sets of features: Fréchet distance and KID (torchmetrics' maths).
+"""Distances between sets of features: Fréchet distance and KID (torchmetrics' maths),
+improved precision and recall (Kynkäänniemi et al. 2019).
 
 All take features ``n d`` computed elsewhere (Inception, the alignment classifier, ...).
 """
@@ -15,7 +16,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from gigagan_train.errors import RunError
 
-__all__ = ["frechet_distance", "kernel_inception_distance", "kid_subset_size"]
+__all__ = ["frechet_distance", "kernel_inception_distance", "kid_subset_size", "precision_recall"]
 
 
 class _Precomputed(nn.Module):
@@ -86,3 +87,42 @@ def kernel_inception_distance(
         torch.manual_seed(seed)
         mean, std = metric.compute()
     return {"mean": float(mean), "std": float(std), "subsets": subsets, "subset_size": size}
+
+
+def _kth_neighbour_radii(features: Tensor, k: int, chunk: int = 1024) -> Tensor:
+    """Distance of every row to its ``k``-th nearest other row (float64)."""
+    radii = []
+    for lo in range(0, len(features), chunk):
+        d = torch.cdist(features[lo : lo + chunk], features)
+        # the row itself is at distance 0 and sorts first: take the (k+1)-th smallest
+        radii.append(d.kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+def _covered(points: Tensor, centres: Tensor, radii: Tensor, chunk: int = 1024) -> Tensor:
+    """For each point: whether it lies within ``radii[j]`` of some ``centres[j]``."""
+    inside = []
+    for lo in range(0, len(points), chunk):
+        d = torch.cdist(points[lo : lo + chunk], centres)
+        inside.append((d <= radii[None, :]).any(dim=1))
+    return torch.cat(inside)
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> dict[str, float | int]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of ``fake`` against ``real``
+    features (``n d``, ``m d``).
+
+    Each set's manifold is the union of balls around its samples, each ball reaching the
+    sample's ``k``-th nearest neighbour in its own set. Precision: the fraction of generated
+    samples inside the real manifold (fidelity); recall: the fraction of real samples inside
+    the generated manifold (diversity: a generator that collapses to a few images covers
+    few real ones)."""
+    _check_features(real, fake)
+    if min(len(real), len(fake)) <= k:
+        raise RunError(f"precision/recall with k={k} needs more than {k} images per set")
+    real, fake = real.detach().cpu().double(), fake.detach().cpu().double()
+    real_radii = _kth_neighbour_radii(real, k)
+    fake_radii = _kth_neighbour_radii(fake, k)
+    precision = _covered(fake, real, real_radii).double().mean()
+    recall = _covered(real, fake, fake_radii).double().mean()
+    return {"precision": float(precision), "recall": float(recall), "k": k}
