@@ -18,7 +18,7 @@ by this project's evaluator (:func:`gigagan_train.evaluation.evaluate_generator`
   pooled embedding of the same frozen random-weight text tower the demo uses (so both
   sides get the same information about the caption), a learned linear map on top. Hinge
   loss, Adam 2e-4 with betas (0.5, 0.99), batch 32, one D and one G step per iteration,
-  an EMA of G (decay 0.999) that is scored.
+  an EMA of G (decay 0.999, ramped up over the first steps) that is scored.
 
 ``--baseline-d ours`` swaps the baseline's D for a ``MultiScaleDiscriminator`` of a model
 preset (the score of a sample is the mean over pairs of each pair's mean logit), to see what
@@ -220,9 +220,10 @@ def train_baseline(
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
-        with torch.no_grad():
+        with torch.no_grad():  # decay 0.999, ramped up over the first steps
+            decay = min(0.999, (1 + steps) / (10 + steps))
             for p_ema, p in zip(gen_ema.parameters(), gen.parameters(), strict=True):
-                p_ema.lerp_(p, 0.001)
+                p_ema.lerp_(p, 1 - decay)
             for b_ema, b in zip(gen_ema.buffers(), gen.buffers(), strict=True):
                 b_ema.copy_(b)
         images_seen += batch

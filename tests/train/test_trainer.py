@@ -312,3 +312,21 @@ def test_each_phase_calls_the_discriminator_once(make_spec, tmp_path):
     )
     trainer.train_step(next(trainer.batches()))
     assert calls == [3, 2]
+
+
+def test_ada_trains_logs_its_probability_and_resumes_exactly(make_spec, tmp_path):
+    ada = {"kind": "ada", "interval": 1, "speed_kimg": 0.01, "initial_p": 0.5}
+    spec = make_spec(steps=4, checkpoint_every=2, augment=ada)
+    Trainer(spec, tmp_path / "straight").fit()
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").open()]
+    ps = [row["augment/p"] for row in rows]
+    step = 4 * 1 / (0.01 * 1000)  # batch * interval / (speed_kimg * 1000) per step
+    assert ps[0] in (pytest.approx(0.5 - step), pytest.approx(0.5 + step))  # it moved
+
+    Trainer(make_spec(steps=2, checkpoint_every=2, augment=ada), tmp_path / "split").fit()
+    Trainer(spec, tmp_path / "split", resume=True).fit()
+    a, b = find_checkpoint(tmp_path / "straight"), find_checkpoint(tmp_path / "split")
+    for part in ("G/model.safetensors", "D/model.safetensors", "augment/model.safetensors"):
+        x, y = load_file(a / part), load_file(b / part)
+        assert [k for k in x if not torch.equal(x[k], y[k])] == [], part
+    assert float(load_file(a / "augment/model.safetensors")["p"]) == ps[-1]

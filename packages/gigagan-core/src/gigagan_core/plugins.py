@@ -83,6 +83,7 @@ STANDARD_ROLES: dict[str, str] = {
     "loss": "training objectives for the generator and/or discriminator",
     "upsampler": "low-resolution image (and caption) to high resolution",
     "dataset": "sources of training images and captions",
+    "augment": "differentiable transforms of every image the discriminator sees",
 }
 
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from pydantic.json_schema import JsonSchemaValue
 
 __all__ = [
+    "AnyAugment",
     "AnyDataset",
     "AnyDiscriminator",
     "AnyGenerator",
@@ -278,6 +279,7 @@ AnyDiscriminator = Annotated[ComponentSpec, ComponentOf("discriminator")]
 AnyLoss = Annotated[ComponentSpec, ComponentOf("loss")]
 AnyUpsampler = Annotated[ComponentSpec, ComponentOf("upsampler")]
 AnyDataset = Annotated[ComponentSpec, ComponentOf("dataset")]
+AnyAugment = Annotated[ComponentSpec, ComponentOf("augment")]
 
 
 class SpecFileError(GigaGANError, ValueError):

@@ -11,6 +11,7 @@ from gigagan_losses.adversarial import (
     R1Penalty,
     R1PenaltySpec,
 )
+from gigagan_losses.augment import ADAugment, ADAugmentSpec, DiffAugment, DiffAugmentSpec
 from gigagan_losses.clip_loss import CLIPContrastiveLoss, CLIPContrastiveLossSpec
 from gigagan_losses.lpips import LPIPSLoss, LPIPSLossSpec
 from gigagan_losses.vision_aided import VisionAidedLoss, VisionAidedLossSpec
@@ -25,4 +26,6 @@ def gigagan_components() -> list[Component]:
         Component(spec=CLIPContrastiveLossSpec, factory=CLIPContrastiveLoss),
         Component(spec=VisionAidedLossSpec, factory=VisionAidedLoss),
         Component(spec=LPIPSLossSpec, factory=LPIPSLoss),
+        Component(spec=DiffAugmentSpec, factory=DiffAugment),
+        Component(spec=ADAugmentSpec, factory=ADAugment),
     ]

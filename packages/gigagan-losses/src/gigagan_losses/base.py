@@ -86,6 +86,10 @@ class LossContext:
     - ``extras``: free-form values a trainer or plugin wants to pass along.
     - ``batch_d_passes``: in the ``"D"`` phase, compute ``d_real`` and ``d_fake`` together in
       one stacked discriminator call (see the module docstring); off: one call each.
+    - ``augment``: applied to the images of the four cached discriminator passes (a
+      :class:`~gigagan_losses.augment.Augment`: one draw per sample and pass, every pyramid
+      level alike). :meth:`discriminate` does not augment, so a regulariser such as R1
+      sees the images as they are.
 
     Cached on first use: :attr:`real_pyramid`, :attr:`text_embedding`, :attr:`d_real`,
     :attr:`d_fake`, :attr:`d_real_mismatched`, :attr:`d_fake_mismatched`; and anything a
@@ -105,6 +109,7 @@ class LossContext:
         text_features: TextFeatures | None = None,
         extras: dict[str, Any] | None = None,
         batch_d_passes: bool = True,
+        augment: Callable[[list[Tensor]], list[Tensor]] | None = None,
     ) -> None:
         if phase not in ("G", "D"):
             raise ValueError(f"phase must be 'G' or 'D', got {phase!r}")
@@ -134,6 +139,7 @@ class LossContext:
         self.text_features = text_features
         self.extras = dict(extras or {})
         self.batch_d_passes = batch_d_passes
+        self.augment = augment
         self._cache: dict[str, Any] = {}
 
     @property
@@ -148,6 +154,10 @@ class LossContext:
     def invalidate(self) -> None:
         """Forget every cached value (after a backward or an optimiser step)."""
         self._cache.clear()
+
+    def computed(self, key: str) -> bool:
+        """Whether ``key`` (e.g. ``"d_real"``) has been computed in this context."""
+        return key in self._cache
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per context under ``key``; later calls return the same value."""
@@ -202,6 +212,8 @@ class LossContext:
             raise ValueError(f"unknown discriminator pass {name!r}; expected one of {self.PASSES}")
         pyramid = self.real_pyramid if name.startswith("real") else self.fake_pyramid
         t = self.mismatched_text_embedding() if name.endswith("mismatched") else self.text_embedding
+        if self.augment is not None:
+            return list(self.augment(list(pyramid))), t
         return list(pyramid), t
 
     def prefetch(self, *names: str) -> None:

@@ -25,6 +25,7 @@ from gigagan_core.nets import check_discriminator_output
 from gigagan_core.plugins import get_registry
 from gigagan_core.specs import dump_spec
 from gigagan_losses.adversarial import lazy_regularization_adam
+from gigagan_losses.augment import Augment
 from gigagan_losses.base import Loss, LossContext, Phase
 from gigagan_train.errors import RunError
 from gigagan_train.images import save_grid
@@ -63,6 +64,7 @@ class AssembledRun:
     discriminator: nn.Module
     dataset: Any
     losses: list[Loss]
+    augment: Augment | None = None
     summary: list[ComponentSummary] = field(default_factory=list)
 
     @property
@@ -128,6 +130,7 @@ def assemble(spec: RunSpec) -> AssembledRun:
         discriminator=built["discriminator"],
         dataset=built["dataset"],
         losses=losses,
+        augment=built.get("augment"),
         summary=summary,
     )
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from gigagan_core.plugins import get_registry
 from gigagan_core.presets import load_preset
 from gigagan_core.specs import (
+    AnyAugment,
     AnyDataset,
     AnyDiscriminator,
     AnyGenerator,
@@ -332,6 +333,12 @@ class RunSpec(BaseModel):
         default_factory=SyntheticShapesSpec, description="Source of images and captions."
     )
     losses: tuple[AnyLoss, ...] = Field((), description="Training objectives, summed by weight.")
+    augment: AnyAugment | None = Field(
+        None,
+        description="Differentiable augmentation of every image the discriminator sees, real "
+        "and generated, in both phases (kind 'diffaugment' or 'ada'; R1 sees the images as "
+        "they are); null: none.",
+    )
     batch_size: Count = Field(8, description="Images per step on each process.")
     num_workers: NonNegative = Field(0, description="DataLoader worker processes.")
     text_cache: bool = Field(
@@ -508,6 +515,8 @@ class RunSpec(BaseModel):
         out["discriminator"] = self.discriminator
         out["dataset"] = self.dataset
         out.update({f"losses.{i}": spec for i, spec in enumerate(self.losses)})
+        if self.augment is not None:
+            out["augment"] = self.augment
         return out
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gigagan_losses.augment import Augment
 from gigagan_losses.base import Loss, LossContext, Phase
 from gigagan_train.loop.guard import NanGuard
 from gigagan_train.loop.logs import StepResult
@@ -79,6 +80,7 @@ class PhaseRunner:
         d_shares_encoder: bool,
         autocast_dtype: torch.dtype | None,
         device: torch.device,
+        augment: Augment | None = None,
     ) -> None:
         self.G, self.D = generator, discriminator
         self.replicas = replicas
@@ -87,6 +89,7 @@ class PhaseRunner:
         self.d_shares_encoder = d_shares_encoder
         self.autocast_dtype = autocast_dtype
         self.device = device
+        self.augment = augment
         self._accepts_w_avg = accepts_argument(generator.forward, "update_w_avg")
 
     def fakes(self, micro: MicroBatch, *, track_w_avg: bool) -> list[Tensor]:
@@ -165,6 +168,7 @@ class PhaseRunner:
                         discriminator=self.replicas.D,
                         fake_pyramid=fake,
                         text_features=part.features if self.d_shares_encoder else None,
+                        augment=self.augment,
                     )
                     active = [loss for loss in losses if loss.active(ctx)]
                     passes = [
@@ -175,6 +179,9 @@ class PhaseRunner:
                     if passes:  # every discriminator output this phase reads, in one call
                         ctx.prefetch(*passes)
                     total, named = self._terms(active, ctx, label)
+                    if label == "D" and self.augment is not None and ctx.computed("d_real"):
+                        logits = ctx.d_real.mean_logits().values()
+                        self.augment.observe(torch.stack(list(logits)).mean(0))
                 used.append([x.detach() for x in fake])
                 if total is None:
                     continue

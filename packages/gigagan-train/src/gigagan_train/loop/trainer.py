@@ -111,6 +111,7 @@ class Trainer:
         self.G = self.run.model.to(self.device).train()
         self.D = self.run.discriminator.to(self.device).train()
         self.losses = [loss.to(self.device).train() for loss in self.run.losses]
+        self.augment = self.run.augment.to(self.device) if self.run.augment else None
         self.replicas = Replicas(self.G, self.D, self.losses, world_size)
         self.G_ema = make_ema(self.G)
         self.opt_G, self.opt_D, self.reg_interval = build_optimizers(
@@ -142,6 +143,7 @@ class Trainer:
             d_shares_encoder=d_shares_encoder,
             autocast_dtype=torch.bfloat16 if spec.precision == "bf16" else None,
             device=self.device,
+            augment=self.augment,
         )
         self.sample_prompts = self._sample_prompts()
         if resume_from is not None:
@@ -267,6 +269,11 @@ class Trainer:
         if len(result.skipped) == skipped_before:
             update_ema(self.G_ema, self.G, ema_beta(spec.ema, shown, state.images_seen))
         set_trainable(self.D, True)
+        if self.augment is not None:  # ADA's p follows sign(D(real)) of every process
+            total, count = self.augment.local_signs()
+            agreed = distributed.sum_ints([round(total), count])
+            self.augment.update(shown, (float(agreed[0]), agreed[1]))
+            result.values["augment/p"] = self.augment.probability
 
         state.step += 1
         state.images_seen += shown
@@ -371,7 +378,10 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def _modules(self) -> dict[str, nn.Module]:
-        return {"G": self.G, "G_ema": self.G_ema, "D": self.D}
+        modules = {"G": self.G, "G_ema": self.G_ema, "D": self.D}
+        if self.augment is not None:
+            modules["augment"] = self.augment
+        return modules
 
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoints/step-N`` (see :func:`~gigagan_train.checkpoint.
