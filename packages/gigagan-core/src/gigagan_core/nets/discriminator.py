@@ -30,6 +30,7 @@ samples within one path only. On CPU the image branch runs in channels_last memo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -44,7 +45,7 @@ from gigagan_core.errors import InputError
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
 from gigagan_core.layers.attention import L2SelfAttention
 from gigagan_core.layers.checks import check_captions, check_tensor
-from gigagan_core.layers.equalized import EqualizedConv2d
+from gigagan_core.layers.equalized import EqualizedConv2d, EqualizedLinear
 from gigagan_core.nets.conditioning import build_text_path
 from gigagan_core.nets.pyramid import build_pyramid, check_pyramid
 from gigagan_core.nets.text_features import TextFeatures
@@ -121,6 +122,29 @@ class MultiScaleDiscriminatorSpec(ComponentSpec):
         ge=1,
         description="Width of psi_j's hidden layers; null uses the channels of level j.",
     )
+    readout: Literal["map", "global"] = Field(
+        "map",
+        description="What each D_ij judges. 'map' (the paper): one logit per position of "
+        "level j, averaged by the losses, so most pairs are patch judgements whose receptive "
+        "field can be smaller than the object. 'global': level j's features are averaged over "
+        "their h_j w_j positions first and the head gives one logit per sample (StyleGAN2's "
+        "and the projection discriminator's global judgement), for every pair.",
+    )
+    conditioning: Literal["modulated", "projection"] = Field(
+        "modulated",
+        description="How t_D enters each head. 'modulated' (the paper): psi_j is a stack of "
+        "1x1 convolutions modulated by t_D, plus an unconditional 1x1 skip. 'projection' "
+        "(Miyato & Koyama 2018): unmodulated 1x1 layers give features f, and the logit is "
+        "out(f) + <E_j t_D, f> / sqrt(dim f), a linear embedding E_j of t_D per level.",
+    )
+    input_levels: int | None = Field(
+        None,
+        ge=1,
+        description="How many pyramid levels enter the image branch, from the highest "
+        "resolution down (null: all, the paper's MS-I/O). Pairs (i, j) exist for i < "
+        "input_levels only; the deeper levels of a generated pyramid are not judged, which "
+        "saves their paths through the stages.",
+    )
     mbstd_group: int = Field(
         4,
         ge=0,
@@ -182,6 +206,11 @@ class MultiScaleDiscriminatorSpec(ComponentSpec):
             raise ValueError(
                 f"text_dim={self.text_dim} is not divisible by text_heads={self.text_heads}"
             )
+        if self.input_levels is not None and self.input_levels > len(levels):
+            raise ValueError(
+                f"input_levels={self.input_levels} is more than the {len(levels)} pyramid "
+                f"levels {list(levels)}"
+            )
         if self.mbstd_enabled and self.channels(self.min_resolution) % self.mbstd_channels:
             raise ValueError(
                 f"mbstd_channels={self.mbstd_channels} does not divide the "
@@ -206,6 +235,11 @@ class MultiScaleDiscriminatorSpec(ComponentSpec):
     @property
     def num_levels(self) -> int:
         return len(self.resolutions)
+
+    @property
+    def num_inputs(self) -> int:
+        """Pyramid levels that enter the image branch (``input_levels`` or all)."""
+        return self.input_levels if self.input_levels is not None else self.num_levels
 
     @property
     def mbstd_enabled(self) -> bool:
@@ -419,18 +453,44 @@ class _Stage(nn.Module):
 
 
 class _PredictionHead(nn.Module):
-    """``psi_j(h, t_D) + Conv1x1_j(h)``: ``(p b) c h w`` and ``(p b) text_dim`` to ``(p b) h w``.
+    """The readout of one level: ``b c h w`` features and ``b text_dim`` to ``b h w`` logits.
 
+    ``conditioning = "modulated"`` (the paper): ``psi_j(h, t_D) + Conv1x1_j(h)``, where
     ``psi_j`` is ``layers`` 1x1 :class:`AdaptiveConv2d` layers with one kernel each (plain
     StyleGAN2 modulation by ``t_D``), lrelu between them; the last one maps to a single
     channel without demodulation (a demodulated 1-channel output would have its scale fixed
     and the logit magnitude could not be learned) and without activation.
+
+    ``conditioning = "projection"``: ``layers - 1`` plain 1x1 conv + lrelu layers give
+    features ``f`` (``h`` itself when ``layers = 1``), and the logit is
+    ``out(f) + <E t_D, f> / sqrt(dim f)`` with ``E`` a linear embedding of ``t_D``: the
+    projection discriminator's inner product with the condition, at every position.
     """
 
     def __init__(
-        self, channels: int, hidden: int, text_dim: int, layers: int, *, fused: bool
+        self,
+        channels: int,
+        hidden: int,
+        text_dim: int,
+        layers: int,
+        *,
+        conditioning: str = "modulated",
+        pooled: bool = False,
+        fused: bool,
     ) -> None:
         super().__init__()
+        self.conditioning = conditioning
+        self.pooled = pooled
+        if conditioning == "projection":
+            widths = [channels] + [hidden] * (layers - 1)
+            self.features = nn.ModuleList(
+                EqualizedConv2d(widths[k], widths[k + 1], 1, activation="lrelu")
+                for k in range(layers - 1)
+            )
+            self.out = EqualizedConv2d(widths[-1], 1, 1)
+            self.embed = EqualizedLinear(text_dim, widths[-1])
+            self.projection_gain = 1.0 / math.sqrt(widths[-1])
+            return
         widths = [channels] + [hidden] * (layers - 1) + [1]
         last = layers - 1
         self.psi = nn.ModuleList(
@@ -449,6 +509,13 @@ class _PredictionHead(nn.Module):
         self.skip = EqualizedConv2d(channels, 1, 1)
 
     def forward(self, h: Tensor, t: Tensor) -> Tensor:
+        if self.conditioning == "projection":
+            f = h
+            for layer in self.features:
+                f = layer(f)
+            embedding = self.embed(t.to(f.dtype)) * self.projection_gain  # b c
+            projected = torch.einsum("bchw,bc->bhw", f, embedding)
+            return self.out(f).squeeze(1) + projected
         y = h
         for layer in self.psi:
             y = layer(y, t)
@@ -456,21 +523,29 @@ class _PredictionHead(nn.Module):
 
 
 def _stage_and_head(
-    stage: _Stage, head: _PredictionHead, h: Tensor, t: Tensor, paths: int, stacked: int
+    stage: _Stage,
+    head: _PredictionHead,
+    h: Tensor,
+    t: Tensor,
+    paths: int,
+    stacked: int,
 ) -> tuple[Tensor, Tensor]:
     """One level of the image branch: stage ``s`` on ``(p b)`` samples and its readout.
 
-    The head is 1x1 convolutions modulated per sample by ``t``, pointwise in space, so it runs
-    on each sample's ``p`` paths laid side by side along the height (``b c (p r) r``): one set
-    of modulated weights per sample instead of ``p`` identical copies, the same values.
+    The head is 1x1 convolutions conditioned per sample by ``t``, pointwise in space, so it
+    runs on each sample's ``p`` paths laid side by side along the height (``b c (p r) r``):
+    one set of modulated weights per sample instead of ``p`` identical copies, the same
+    values. A head with ``pooled`` set (``readout = "global"``) reads each path's map
+    averaged over its positions, ``b c p 1``: one logit per path and sample.
     """
     h = stage(h, paths * stacked)
-    pb, c, r, r2 = h.shape
+    read = h.mean(dim=(2, 3), keepdim=True) if head.pooled else h
+    pb, c, r, r2 = read.shape
     b = pb // paths
     # Through the channels-last view ``(p b) r r c``: a channels_last ``h`` then gives a
     # channels_last ``side_by_side`` (one copy, no layout change for the head's convolutions
     # and their gradients); a contiguous ``h`` gets the same values.
-    pixels_last = h.permute(0, 2, 3, 1).reshape(paths, b, r, r2, c).transpose(0, 1)
+    pixels_last = read.permute(0, 2, 3, 1).reshape(paths, b, r, r2, c).transpose(0, 1)
     side_by_side = pixels_last.reshape(b, paths * r, r2, c).permute(0, 3, 1, 2)
     out = head(side_by_side, t)  # b (p r) r
     return h, out.reshape(b, paths, r, r2).transpose(0, 1).reshape(pb, r, r2)
@@ -517,7 +592,7 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
         last = len(resolutions) - 1
         self.from_rgb = nn.ModuleList(
             EqualizedConv2d(spec.image_channels, spec.channels(r), 1, activation="lrelu")
-            for r in resolutions
+            for r in resolutions[: spec.num_inputs]
         )
         self.stages = nn.ModuleList(
             _Stage(
@@ -538,6 +613,8 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
                 spec.head_channels or spec.channels(r // 2),
                 spec.text_dim,
                 spec.head_layers,
+                conditioning=spec.conditioning,
+                pooled=spec.readout == "global",
                 fused=spec.fused,
             )
             for r in resolutions
@@ -569,7 +646,8 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
     @property
     def pairs(self) -> tuple[tuple[int, int], ...]:
         """Every ``(i, j)`` with ``0 <= i < j <= L``, sorted: ``L (L + 1) / 2`` pairs."""
-        return tuple((i, j) for i in range(self.levels) for j in range(i + 1, self.levels + 1))
+        inputs = self.spec.num_inputs
+        return tuple((i, j) for i in range(inputs) for j in range(i + 1, self.levels + 1))
 
     def _device(self) -> torch.device:
         return self.from_rgb[0].weight.device
@@ -664,21 +742,30 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
             t = self.encode_text(texts, batch_size=b)
 
         logits: dict[tuple[int, int], Tensor] = {}
+        inputs = self.spec.num_inputs
         h: Tensor | None = None  # (p b) c r r: paths of input levels 0 .. s-1, level major
-        for s, (from_rgb, stage, head) in enumerate(
-            zip(self.from_rgb, self.stages, self.heads, strict=True)
-        ):
-            level = pyramid[s]
-            if level.device.type in _CHANNELS_LAST_DEVICES:
-                level = level.contiguous(memory_format=torch.channels_last)
-            entering = from_rgb(level)
-            h = entering if h is None else torch.cat([h, entering.to(h.dtype)], dim=0)
-            paths = s + 1
+        for s, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
+            if s < inputs:
+                from_rgb = self.from_rgb[s]
+                level = pyramid[s]
+                if level.device.type in _CHANNELS_LAST_DEVICES:
+                    level = level.contiguous(memory_format=torch.channels_last)
+                entering = from_rgb(level)
+                h = entering if h is None else torch.cat([h, entering.to(h.dtype)], dim=0)
+            assert h is not None
+            paths = min(s + 1, inputs)
             if self.spec.checkpointing and self.training and torch.is_grad_enabled():
                 # Stage and head in one region: the heads' per-sample modulated weights are
                 # the larger part of what a step would otherwise keep.
                 h, out = checkpoint(
-                    _stage_and_head, stage, head, h, t, paths, stacked, use_reentrant=False
+                    _stage_and_head,
+                    stage,
+                    head,
+                    h,
+                    t,
+                    paths,
+                    stacked,
+                    use_reentrant=False,
                 )
             else:
                 h, out = _stage_and_head(stage, head, h, t, paths, stacked)
