@@ -170,6 +170,7 @@ def train_baseline(
     model_preset: str,
     g_kind: str = "plain",
     batch: int = 32,
+    g_adam: tuple[float, float] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train the plain recipe (hinge, Adam 2e-4 (0.5, 0.99), EMA 0.999) on the plain G and
     D, or with either one swapped for this project's network of ``model_preset``; returns
@@ -194,6 +195,8 @@ def train_baseline(
         disc = PyramidScore(disc)
     gen_ema = copy.deepcopy(gen).eval()
     lr_g, betas_g = (0.0025, (0.0, 0.99)) if ours_g is not None else (2e-4, (0.5, 0.99))
+    if g_adam is not None:
+        lr_g, betas_g = g_adam[0], (g_adam[1], 0.99)
     opt_g = torch.optim.Adam(trainable_parameters(gen), lr=lr_g, betas=betas_g)
     opt_d = torch.optim.Adam(trainable_parameters(disc), lr=2e-4, betas=(0.5, 0.99))
     data = SyntheticShapes.from_spec(DATA)
@@ -305,6 +308,9 @@ def main() -> None:
     parser.add_argument("--spec", default="demo", help="our side's run spec (file or preset)")
     parser.add_argument("--baseline-d", choices=["plain", "ours"], default="plain")
     parser.add_argument("--baseline-g", choices=["plain", "ours"], default="plain")
+    parser.add_argument(
+        "--baseline-g-adam", type=float, nargs=2, metavar=("LR", "BETA1"), help="G's Adam"
+    )
     parser.add_argument("--model-preset", default="cpu-demo", help="text tower (and D for ours)")
     parser.add_argument("--only", choices=["ours", "baseline"])
     parser.add_argument("--out", default="runs/race-baseline")
@@ -328,6 +334,7 @@ def main() -> None:
                 args.baseline_d,
                 args.model_preset,
                 g_kind=args.baseline_g,
+                g_adam=tuple(args.baseline_g_adam) if args.baseline_g_adam else None,
             )
         result = evaluate_generator(gen, DATA, evaluation, device="cpu")
         for line in format_summary(result):

@@ -411,8 +411,79 @@ def test_default_spec_levels_and_channels():
         ({"head_layers": 0}, r"head_layers\n.*greater than or equal to 1"),
         ({"text_encoder": {"kind": "nope"}}, "unknown text_encoder kind 'nope'"),
         ({"pair_weights": [1.0]}, "pair_weights\n.*Extra inputs are not permitted"),
+        ({"input_levels": 5}, r"input_levels=5 is more than the 4 pyramid levels \[32, 16, 8, 4\]"),
+        ({"readout": "pooled"}, r"readout\n.*'map' or 'global'"),
+        ({"conditioning": "concat"}, r"conditioning\n.*'modulated' or 'projection'"),
     ],
 )
 def test_spec_validation_names_the_field(overrides, message):
     with pytest.raises(ValidationError, match=message):
         _spec(**overrides)
+
+
+# ---- readout, conditioning and input levels ---------------------------------------------
+
+
+@pytest.mark.parametrize("conditioning", ["modulated", "projection"])
+def test_a_global_readout_is_the_map_readout_averaged_when_the_head_is_linear(
+    conditioning, images
+):
+    # with one head layer the readout is linear in the features, so averaging the features
+    # first (global) and averaging the logits (map) must agree
+    encoder = FakeTextEncoder()
+    spatial = _build(_spec(head_layers=1, conditioning=conditioning), text_encoder=encoder)
+    pooled = _build(_spec(head_layers=1, conditioning=conditioning, readout="global"),
+                    text_encoder=encoder)  # fmt: skip
+    pooled.load_state_dict(spatial.state_dict())
+    a, b = spatial(images, CAPTIONS), pooled(images, CAPTIONS)
+    assert a.pairs() == b.pairs()
+    for pair in a.pairs():
+        assert b[pair].shape == (len(images), 1, 1)
+        torch.testing.assert_close(b[pair][:, 0, 0], a[pair].mean(dim=(1, 2)))
+
+
+def test_projection_conditioning_is_an_inner_product_with_the_text_embedding(images):
+    from gigagan_core.nets.discriminator import _PredictionHead
+
+    torch.manual_seed(0)
+    head = _PredictionHead(8, 8, 5, 2, conditioning="projection", fused=True)
+    h, t = torch.randn(3, 8, 4, 4), torch.randn(3, 5)
+    f = head.features[0](h)
+    embedding = head.embed(t) / 8**0.5
+    want = head.out(f).squeeze(1) + (f * embedding[:, :, None, None]).sum(1)
+    torch.testing.assert_close(head(h, t), want)
+    # the text enters linearly: the logit difference of two captions is <E(t1 - t2), f>
+    t2 = torch.randn(3, 5)
+    diff = head(h, t) - head(h, t2)
+    linear = head.embed.effective_weight() @ (t - t2).T / 8**0.5
+    torch.testing.assert_close(diff, torch.einsum("bchw,cb->bhw", f, linear))
+
+
+def test_projection_discriminator_reads_the_captions_and_takes_r1(images):
+    disc = _build(_spec(conditioning="projection", readout="global"),
+                  text_encoder=FakeTextEncoder())  # fmt: skip
+    other = list(reversed(CAPTIONS))
+    a, b = disc(images, CAPTIONS), disc(images, other)
+    assert any(not torch.allclose(a[p], b[p]) for p in a.pairs())
+    x = images.clone().requires_grad_()
+    score = sum(v.sum() for v in disc(x, CAPTIONS).mean_logits().values())
+    (grad,) = torch.autograd.grad(score, x, create_graph=True)
+    grad.square().sum().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in disc.parameters())
+
+
+def test_input_levels_keep_only_the_pairs_of_the_levels_that_enter(images):
+    disc = _build(_spec(input_levels=2), text_encoder=FakeTextEncoder())
+    assert disc.pairs == ((0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (1, 3), (1, 4))
+    assert len(disc.from_rgb) == 2
+    pyramid = [level.detach().requires_grad_() for level in build_pyramid(images, disc.levels)]
+    out = disc(pyramid, CAPTIONS)
+    assert out.pairs() == list(disc.pairs)
+    grads = torch.autograd.grad(sum(v.sum() for v in out.logits.values()), pyramid,
+                                allow_unused=True)  # fmt: skip
+    assert [g is not None and bool(g.abs().sum() > 0) for g in grads] == [True, True, False, False]
+
+
+def test_the_default_options_are_the_papers():
+    spec = MultiScaleDiscriminatorSpec()
+    assert (spec.readout, spec.conditioning, spec.input_levels) == ("map", "modulated", None)
