@@ -189,6 +189,21 @@ def test_hinge_matches_hand_computation():
     assert g_value == pytest.approx(expected(lambda d: -d, FAKE_VALUES, OWN), rel=1e-12)
 
 
+def test_relativistic_pairing_matches_hand_computation():
+    # stub logits: base + mean(x) + t; with the true captions on both sides the pair's
+    # difference D(x_n) - D(G(c)_n) is just REAL_VALUES[n] - FAKE_VALUES[n]
+    loss = AdversarialLoss(AdversarialLossSpec(objective="relativistic"))
+    gaps = [r - f for r, f in zip(REAL_VALUES, FAKE_VALUES, strict=True)]
+    d_terms = loss(stub_context("D"))
+    assert set(d_terms) == {"adv_rel"}
+    want_d = sum(softplus(-g) for g in gaps) / len(gaps)
+    assert d_terms["adv_rel"].item() == pytest.approx(want_d, rel=1e-12)
+    ctx = stub_context("G")
+    assert loss.discriminator_passes(ctx) == ("real", "fake")  # G's side needs the reals
+    want_g = sum(softplus(g) for g in gaps) / len(gaps)
+    assert loss(ctx)["adv_rel"].item() == pytest.approx(want_g, rel=1e-12)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_pair_weights_and_reduction(reduction):
     spec = AdversarialLossSpec(pair_weights={"0, 1": 2.0, "1,2": 0.0}, reduction=reduction)
@@ -272,6 +287,18 @@ def test_r1_on_the_stub_by_hand():
     terms = R1Penalty(R1PenaltySpec(gamma=0.5, interval=1))(stub_context("D"))
     assert set(terms) == {"r1"}
     assert terms["r1"].item() == pytest.approx(0.5 / 2 * 48 * (3 / 48) ** 2, rel=1e-12)
+
+
+def test_r2_on_the_stub_by_hand():
+    # R2 differentiates every level of the generated pyramid on its own: level 0 (48
+    # values) is read by pairs (0,1), (0,2): 2/48 per value; level 1 (12 values) by (1,2):
+    # 1/12 per value. Per sample 48 (2/48)^2 + 12 (1/12)^2 = 1/6.
+    terms = R1Penalty(R1PenaltySpec(gamma=0.5, interval=1, samples="fake"))(stub_context("D"))
+    assert set(terms) == {"r2"}
+    assert terms["r2"].item() == pytest.approx(0.5 / 2 / 6, rel=1e-12)
+    both = R1Penalty(R1PenaltySpec(gamma=0.5, interval=1, samples="both"))(stub_context("D"))
+    assert set(both) == {"r1", "r2"}
+    assert both["r2"].item() == pytest.approx(terms["r2"].item(), rel=1e-12)
 
 
 def _small_discriminator() -> MultiScaleDiscriminator:

@@ -186,11 +186,14 @@ class AdversarialLossSpec(PairWeightedLossSpec):
     """Spec of :class:`AdversarialLoss`."""
 
     kind: Literal["adversarial"] = "adversarial"
-    objective: Literal["non-saturating", "hinge"] = Field(
+    objective: Literal["non-saturating", "hinge", "relativistic"] = Field(
         "non-saturating",
         description="'non-saturating': the paper's logistic loss, D: softplus(-D(x,c)) + "
         "softplus(D(G(c),c)), G: softplus(-D(G(c),c)); 'hinge': D: relu(1 - D(x,c)) + "
-        "relu(1 + D(G(c),c)), G: -D(G(c),c).",
+        "relu(1 + D(G(c),c)), G: -D(G(c),c); 'relativistic': R3GAN's relativistic pairing "
+        "loss, D: softplus(-(D(x,c) - D(G(c),c))), G: softplus(-(D(G(c),c) - D(x,c))), real "
+        "and generated sample n paired (pair it with R1 and R2: an r1 loss with samples = "
+        "'both').",
     )
 
 
@@ -215,9 +218,21 @@ class AdversarialLoss(_PairWeightedLoss):
         super().__init__(spec)
 
     def discriminator_passes(self, ctx: LossContext) -> tuple[str, ...]:
-        return ("real", "fake") if ctx.phase == "D" else ("fake",)
+        if ctx.phase == "D" or self.spec.objective == "relativistic":
+            return ("real", "fake")
+        return ("fake",)
+
+    def _relativistic(self, ctx: LossContext, sign: float) -> Tensor:
+        """``mean softplus(-sign (D(x) - D(G(c))))`` per pair: sample n of the real batch is
+        paired with sample n of the generated one, position by position."""
+        real, fake = ctx.d_real, ctx.d_fake
+        return self._reduce(
+            {pair: F.softplus(-sign * (real[pair] - fake[pair])).mean() for pair in real.pairs()}
+        )
 
     def discriminator_terms(self, ctx: LossContext) -> dict[str, Tensor]:
+        if self.spec.objective == "relativistic":
+            return {"adv_rel": self._relativistic(ctx, 1.0)}
         real_fn, fake_fn, _ = _OBJECTIVES[self.spec.objective]
         return {
             "adv_real": self._reduce(_per_pair_mean(ctx.d_real, real_fn)),
@@ -225,6 +240,8 @@ class AdversarialLoss(_PairWeightedLoss):
         }
 
     def generator_terms(self, ctx: LossContext) -> dict[str, Tensor]:
+        if self.spec.objective == "relativistic":
+            return {"adv_rel": self._relativistic(ctx, -1.0)}
         _, _, generator_fn = _OBJECTIVES[self.spec.objective]
         return {"adv_fake": self._reduce(_per_pair_mean(ctx.d_fake, generator_fn))}
 
@@ -283,6 +300,12 @@ class R1PenaltySpec(LossSpec):
         "0 and is multiplied by interval (1 = every step). Pair it with "
         "lazy_regularization_adam for D's optimiser.",
     )
+    samples: Literal["real", "fake", "both"] = Field(
+        "real",
+        description="Which images the gradient penalty is taken on: 'real' (R1), 'fake' "
+        "(R2, on the generated pyramid, every level its own input) or 'both' (R1 + R2, as "
+        "R3GAN pairs with the relativistic loss).",
+    )
 
 
 class R1Penalty(Loss):
@@ -314,6 +337,11 @@ class R1Penalty(Loss):
     adversarial loss than under ``"sum"``, the paper's reading: with 4 levels (``P = 10``)
     divide the paper's ``gamma`` by 10 to keep its balance.
 
+    ``samples = "fake"`` or ``"both"`` adds R2, the same penalty on the generated images
+    (Roth et al. 2017; R3GAN pairs R1 + R2 with its relativistic loss): G's pyramid levels are
+    separate outputs, not 2x2 means of one image, so each level is an input of its own and
+    R2 sums ``||dS / dx_i||^2`` over the levels ``x_i``.
+
     Active only in the D phase on steps with ``step % interval == 0``. Under
     ``torch.no_grad`` it still computes the input gradient (with autograd switched back on
     for the pass) and returns the penalty detached.
@@ -329,18 +357,37 @@ class R1Penalty(Loss):
         return ctx.phase == "D" and ctx.step % self.spec.interval == 0
 
     def discriminator_terms(self, ctx: LossContext) -> dict[str, Tensor]:
+        scale = 0.5 * self.spec.gamma * self.spec.interval
+        terms = {}
+        if self.spec.samples in ("real", "both"):
+            terms["r1"] = self._penalty(ctx, [ctx.real], full_resolution=True) * scale
+        if self.spec.samples in ("fake", "both"):
+            fake = list(ctx.fake_pyramid)
+            terms["r2"] = self._penalty(ctx, fake, full_resolution=False) * scale
+        return terms
+
+    @staticmethod
+    def _penalty(ctx: LossContext, images: list[Tensor], *, full_resolution: bool) -> Tensor:
+        """``mean_b sum_inputs ||d S / d input_b||^2``: for reals the full-resolution image
+        (its pyramid built inside), for fakes each level of G's pyramid."""
         # The penalty is a gradient, so it needs autograd even where the caller has turned it
         # off (evaluating the losses for logging); there it is returned detached.
         training = torch.is_grad_enabled()
-        x = ctx.real.detach().requires_grad_(True)
+        leaves = [x.detach().requires_grad_(True) for x in images]
         with torch.enable_grad(), _double_backward_attention():
-            pyramid = build_pyramid(x, len(ctx.fake_pyramid))
+            pyramid = build_pyramid(leaves[0], len(ctx.fake_pyramid)) if full_resolution else leaves
             output = ctx.discriminate(pyramid, ctx.text_embedding)
             score = torch.stack([v.sum() for v in output.mean_logits().values()]).sum()
-            (grad,) = torch.autograd.grad(score, x, create_graph=training)
-        grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
-        penalty = grad.square().sum(dim=(1, 2, 3)).mean()
-        return {"r1": penalty * (0.5 * self.spec.gamma * self.spec.interval)}
+            grads = torch.autograd.grad(score, leaves, create_graph=training, allow_unused=True)
+        total = None
+        for grad in grads:
+            if grad is None:  # a level the discriminator does not read (input_levels)
+                continue
+            grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
+            part = grad.square().sum(dim=(1, 2, 3))
+            total = part if total is None else total + part
+        assert total is not None
+        return total.mean()
 
 
 # ---- matching-aware (Eq. 8) ----------------------------------------------------------------
