@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
 from gigagan_core.layers.checks import check_tensor
+from gigagan_core.layers.equalized import EqualizedLinear
 from gigagan_core.nets.conditioning import TextConditioning
 from gigagan_core.nets.styled import (
     StyledAttention,
@@ -102,6 +103,14 @@ class GeneratorSpec(StyledNetworkSpec):
         description="Synthesis levels from the lowest resolution up, each twice the previous.",
     )
     noise: bool = Field(True, description="Per-pixel noise inputs after each conv (StyleGAN2).")
+    input: Literal["constant", "mapped"] = Field(
+        "constant",
+        description="The first level's input. 'constant' (the paper, StyleGAN2): a learned "
+        "constant map, so where things go must come from the noise inputs and the layers. "
+        "'mapped': the constant plus a linear map of the first style w reshaped to the map "
+        "(a DCGAN's first layer), so the latent places the content directly; for shallow "
+        "generators, which have few layers to turn noise into layout.",
+    )
     checkpointing: bool = Field(
         False,
         description="Activation checkpointing of the synthesis blocks while training: their "
@@ -205,7 +214,8 @@ class _SynthesisBlock(nn.Module):
 class SynthesisNetwork(nn.Module):
     """Per-resolution synthesis blocks with an RGB output at every level (GigaGAN Sec. 3.3).
 
-    Starts from a learned constant at the first level's resolution; the first block of each
+    Starts from a learned constant at the first level's resolution (plus a linear map of the
+    first style with ``input = "mapped"``); the first block of each
     later level upsamples 2x. Each level's toRGB (a 1x1 modulated conv without
     demodulation) adds to the bilinearly upsampled RGB of the level below, so every level of
     the pyramid is a complete image at its own resolution (StyleGAN2's skip generator).
@@ -217,6 +227,11 @@ class SynthesisNetwork(nn.Module):
         self.w_dim = spec.w_dim
         first = spec.levels[0]
         self.const = nn.Parameter(torch.randn(first.channels, first.resolution, first.resolution))
+        self.input_map = (
+            EqualizedLinear(spec.w_dim, first.channels * first.resolution**2)
+            if spec.input == "mapped"
+            else None
+        )
         self.levels = nn.ModuleList()
         self.to_rgb = nn.ModuleList()
         names: list[str] = []
@@ -263,6 +278,8 @@ class SynthesisNetwork(nn.Module):
             )
         b = ws.shape[0]
         x = self.const.to(ws.dtype).expand(b, *self.const.shape)
+        if self.input_map is not None:  # the first style, as a map of the first level's shape
+            x = x + self.input_map(ws[:, 0]).view(b, *self.const.shape)
         rgb: Tensor | None = None
         pyramid = []
         idx = 0
