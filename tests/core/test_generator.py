@@ -328,3 +328,24 @@ def test_batch_errors_are_named(gen, tiny_spec):
     assert gen.style_mix(w, w[:1], 1).shape == (3, gen.num_ws, tiny_spec.w_dim)
     with pytest.raises(ValueError, match=r"z is an empty batch \(shape \(0, 16\)\); pass b >= 1"):
         gen(torch.zeros(0, tiny_spec.z_dim), [])
+
+
+def test_a_mapped_input_places_content_from_the_latent_and_reduces_to_the_constant():
+    torch.manual_seed(0)
+    plain = Generator.from_spec(_uncond_spec(noise=False)).eval()
+    torch.manual_seed(0)
+    mapped = Generator.from_spec(_uncond_spec(noise=False, input="mapped")).eval()
+    assert "synthesis.input_map.weight" not in plain.state_dict()  # old checkpoints still fit
+    assert mapped.synthesis.num_ws == plain.synthesis.num_ws
+    missing = mapped.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["synthesis.input_map.bias", "synthesis.input_map.weight"]
+    z = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mapped.synthesis.input_map.weight.zero_()
+        mapped.synthesis.input_map.bias.zero_()
+        torch.testing.assert_close(mapped(z).image, plain(z).image)  # nothing mapped: equal
+        mapped.synthesis.input_map.weight.normal_()
+    out = mapped(z).image
+    assert not torch.allclose(out, plain(z).image)
+    out.square().sum().backward()
+    assert mapped.synthesis.input_map.weight.grad.abs().sum() > 0
