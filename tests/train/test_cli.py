@@ -35,7 +35,8 @@ def test_plugins_filters_and_json(capsys):
 
 def test_unknown_role_is_an_error_listing_roles(capsys):
     assert main(["plugins", "--role", "optimiser"]) == 2
-    assert capsys.readouterr().err.startswith("error: unknown role 'optimiser'; roles: dataset, ")
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown role 'optimiser'; roles: augment, dataset, ")
 
 
 def test_schema_commands_emit_json_schema(capsys):

@@ -297,7 +297,7 @@ def test_library_errors_are_one_line(trained: Path, tmp_path: Path, capsys):
     latest = (broken / "checkpoints" / "latest").read_text().strip()
     (broken / "checkpoints" / latest / "G_ema" / "model.safetensors").write_bytes(b"garbage")
     assert main(["sample", str(broken), "--prompt", "x", "--out", str(tmp_path / "g.png")]) == 2
-    _one_line_error(capsys.readouterr().err, "model.safetensors", "not a readable safetensors")
+    _one_line_error(capsys.readouterr().err, "G_ema/model.safetensors", "is damaged", "step-000002")
 
     # a text encoder weight file that is not there: named before anything trains
     spec = tmp_path / "missing-weights.json"

@@ -22,6 +22,7 @@ either the new checkpoint or none of it, and the previous one untouched. Nothing
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -47,25 +48,36 @@ from gigagan_train.errors import CheckpointError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "RUN_OUTPUTS",
     "TRAINER_FILE",
     "CheckpointInfo",
+    "RunFolderLock",
     "TrainerState",
+    "abandon_later_checkpoints",
+    "check_latest_pointer",
+    "checkpoint_problem",
     "find_checkpoint",
+    "fsync_dir",
+    "incomplete_checkpoints",
     "latest_checkpoint",
     "list_checkpoints",
     "load_module_state",
     "load_optimizer_state",
+    "move_run_aside",
     "non_finite_tensors",
     "optimizer_state_files",
     "prune_checkpoints",
     "read_trainer_state",
     "read_training_checkpoint",
     "remove_stale_temporaries",
+    "restore_run",
     "resume_point",
     "save_module",
     "seed_everything",
+    "set_aside",
     "step_folder_name",
     "trainable_state",
+    "truncate_metrics",
     "write_atomic_folder",
     "write_latest",
     "write_training_checkpoint",
@@ -76,8 +88,26 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "gigagan.checkpoint/1"
 TRAINER_FILE = "trainer.json"
 LATEST_FILE = "latest"
+MARKER_FILE = "complete.json"
+"""Written last into a checkpoint: its save id and every other file's size and sha256. A
+folder without it (or whose files no longer match it) is not a complete checkpoint."""
+ABANDONED_FOLDER = "abandoned"
+"""Where checkpoints that no longer belong to the run's line are moved (never deleted): the
+later steps of a branch's abandoned past, or a folder a new save of the same step replaces."""
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
+# the files a checkpoint written before completion markers existed must hold
+_LEGACY_FILES = (
+    TRAINER_FILE,
+    "spec.json",
+    "G/model.safetensors",
+    "G_ema/model.safetensors",
+    "D/model.safetensors",
+    "optim.safetensors",
+    "optim.json",
+    "rng.safetensors",
+    "losses.safetensors",
+)
 
 
 def step_folder_name(step: int) -> str:
@@ -106,28 +136,68 @@ class TrainerState:
 # ---- writing ---------------------------------------------------------------------------
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (new names, renames) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_marker(folder: Path) -> None:
+    """fsync every file of ``folder``, then write and fsync its completion marker."""
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.rglob("*")):
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+            rel = path.relative_to(folder).as_posix()
+            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    marker = {"save_id": uuid.uuid4().hex, "files": files}
+    with open(folder / MARKER_FILE, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(marker, indent=1) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    for sub in sorted({p.parent for p in folder.rglob("*")} | {folder}):
+        fsync_dir(sub)
+
+
+def set_aside(folder: Path, why: str) -> Path:
+    """Move a checkpoint folder into ``checkpoints/abandoned/`` (kept, never listed)."""
+    root = folder.parent
+    target = root / ABANDONED_FOLDER / f"{folder.name}-{why}-{uuid.uuid4().hex[:6]}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(folder, target)
+    fsync_dir(root)
+    log.warning("moved %s aside to %s (%s)", folder, target, why)
+    return target
 
 
 def write_atomic_folder(target: Path, fill: Any) -> Path:
-    """Create ``target`` (which must not exist) by ``fill(tmp_folder)`` and one rename."""
+    """Create ``target`` by ``fill(tmp_folder)``, a completion marker and one rename.
+
+    Every file is fsynced, the marker written last, and the folder renamed into place; an
+    existing folder of that name (a save of the same step from another line of the run)
+    is moved into ``abandoned/`` first, so no moment leaves neither copy complete."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f"{_TMP_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         fill(tmp)
-        _fsync_tree(tmp)
-        if target.exists():  # a checkpoint of this step from an earlier attempt
-            old = target.parent / f"{_TMP_PREFIX}old-{target.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        _write_marker(tmp)
+        if target.exists():
+            set_aside(target, "replaced")
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -135,10 +205,15 @@ def write_atomic_folder(target: Path, fill: Any) -> Path:
 
 
 def write_latest(root: Path, folder_name: str) -> None:
-    """Point ``root/latest`` at ``folder_name`` (write a temp file, then rename)."""
+    """Point ``root/latest`` at ``folder_name`` (a fsynced temp file, renamed, the folder
+    fsynced): the pointer names the run's newest checkpoint."""
     tmp = root / f"{_TMP_PREFIX}{LATEST_FILE}-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(folder_name + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(folder_name + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, root / LATEST_FILE)
+    fsync_dir(root)
 
 
 def save_module(module: nn.Module, folder: Path) -> None:
@@ -201,17 +276,61 @@ def non_finite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
 # ---- finding ---------------------------------------------------------------------------
 
 
+def checkpoint_problem(folder: Path, *, verify: bool = False) -> str | None:
+    """Why ``folder`` is not a complete checkpoint, or ``None`` when it is.
+
+    Complete: its marker parses and every file it lists exists with its size (and, with
+    ``verify``, its sha256). A folder written before markers existed counts when it holds
+    every file a checkpoint has."""
+    marker_path = folder / MARKER_FILE
+    if not marker_path.is_file():
+        missing = [name for name in _LEGACY_FILES if not (folder / name).is_file()]
+        if missing:
+            return f"no {MARKER_FILE} and missing {', '.join(missing[:3])}"
+        return None
+    try:
+        marker = json.loads(marker_path.read_text(encoding="utf-8"))
+        files = marker["files"]
+        if not isinstance(files, dict) or TRAINER_FILE not in files:
+            return f"{MARKER_FILE} lists no {TRAINER_FILE}"
+        for name, entry in files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != int(entry["size"]):
+                return f"{name} has {path.stat().st_size} bytes, {entry['size']} were written"
+            if verify and _sha256(path) != entry["sha256"]:
+                return f"{name} changed since it was written (sha256 differs)"
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        return f"{MARKER_FILE} is unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
 def list_checkpoints(root: Path) -> list[CheckpointInfo]:
-    """Complete checkpoints under ``root`` (``step-N`` folders with a trainer.json), oldest
-    first. Temporary folders of interrupted saves are never listed."""
+    """Complete checkpoints under ``root`` (``step-N`` folders that
+    :func:`checkpoint_problem` passes), oldest first. Temporary folders of interrupted saves
+    and prunes, and set-aside ones, are never listed."""
     if not root.is_dir():
         return []
     found = []
     for path in root.iterdir():
         match = _STEP_RE.match(path.name)
-        if match and (path / TRAINER_FILE).is_file():
+        if match and path.is_dir() and checkpoint_problem(path) is None:
             found.append(CheckpointInfo(path, int(match.group(1))))
     return sorted(found, key=lambda c: c.step)
+
+
+def incomplete_checkpoints(root: Path) -> list[tuple[Path, str]]:
+    """``step-N`` folders that are not complete checkpoints, with the reason."""
+    if not root.is_dir():
+        return []
+    out = []
+    for path in sorted(root.iterdir()):
+        if _STEP_RE.match(path.name) and path.is_dir():
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                out.append((path, problem))
+    return out
 
 
 def latest_checkpoint(root: Path) -> CheckpointInfo | None:
@@ -220,14 +339,44 @@ def latest_checkpoint(root: Path) -> CheckpointInfo | None:
     pointer = root / LATEST_FILE
     complete = list_checkpoints(root)
     if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
-        match = _STEP_RE.match(name)
-        if match and (root / name / TRAINER_FILE).is_file():
-            named = CheckpointInfo(root / name, int(match.group(1)))
-            # a newer complete folder means the pointer update was cut short
-            if not complete or complete[-1].step <= named.step:
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        named = next((c for c in complete if c.path.name == name), None)
+        if named is not None:
+            # a newer complete folder means the pointer update was cut short (a branch's
+            # abandoned steps are moved aside, so they never get here)
+            if complete[-1].step <= named.step:
                 return named
+        elif name and complete:
+            log.warning(
+                "%s names %r, which is not a complete checkpoint; using %s",
+                pointer,
+                name,
+                complete[-1].path.name,
+            )
     return complete[-1] if complete else None
+
+
+def check_latest_pointer(root: Path) -> None:
+    """Raise when ``root/latest`` names a checkpoint folder that exists but is damaged (a
+    pointer is only written after its folder was complete, so something changed it since):
+    an older checkpoint must then be chosen explicitly, not silently."""
+    pointer = root / LATEST_FILE
+    if not pointer.is_file():
+        return
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return
+    folder = root / name
+    if _STEP_RE.match(name) and folder.is_dir():
+        problem = checkpoint_problem(folder, verify=True)
+        if problem is not None:
+            older = [c.path.name for c in list_checkpoints(root) if c.path.name != name]
+            hint = f"; pass an older one explicitly ({older[-1]})" if older else ""
+            raise CheckpointError(f"{folder} (the latest checkpoint) is damaged: {problem}{hint}")
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -235,11 +384,23 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run folder")
-    if (path / TRAINER_FILE).is_file():
+    if (path / TRAINER_FILE).is_file() or (path / MARKER_FILE).is_file():
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"{path}: not a complete checkpoint ({problem})")
         return path
     for root in (path, path / "checkpoints"):
+        check_latest_pointer(root)
         info = latest_checkpoint(root)
         if info is not None:
+            skipped = [p for p, _ in incomplete_checkpoints(root) if p.name > info.path.name]
+            if skipped:
+                log.warning(
+                    "%s: newer folders are incomplete (%s); using %s",
+                    root,
+                    ", ".join(p.name for p in skipped),
+                    info.path.name,
+                )
             return info.path
     raise CheckpointError(
         f"{path}: holds no complete checkpoint (expected a step-NNNNNN folder with "
@@ -247,13 +408,16 @@ def find_checkpoint(path: str | Path) -> Path:
     )
 
 
-def resume_point(run_folder: Path, resume: str | Path | bool | None, trains: str) -> Path | None:
+def resume_point(
+    run_folder: Path, resume: str | Path | bool | None, trains: str, *, overwrite: bool = False
+) -> Path | None:
     """The checkpoint a run in ``run_folder`` starts from: ``resume=True`` its latest,
     a path that checkpoint (or a run folder's latest), ``None`` none. A fresh run into a
-    folder that already holds a checkpoint is refused, and so is a checkpoint of another
-    kind of run (``trains``: "generator" or "upsampler")."""
+    folder that already holds a checkpoint is refused (unless ``overwrite``), and so is a
+    checkpoint of another kind of run (``trains``: "generator" or "upsampler")."""
     root = run_folder / "checkpoints"
     if resume is True:
+        check_latest_pointer(root)
         info = latest_checkpoint(root)
         if info is None:
             raise CheckpointError(f"--resume: {root} holds no complete checkpoint")
@@ -262,7 +426,7 @@ def resume_point(run_folder: Path, resume: str | Path | bool | None, trains: str
         folder = find_checkpoint(resume)
     else:
         existing = latest_checkpoint(root)
-        if existing is not None:
+        if existing is not None and not overwrite:
             raise CheckpointError(
                 f"{run_folder} already holds a run (checkpoint step {existing.step}); pass "
                 "--resume to continue it, --overwrite to start it again, or --out for another "
@@ -286,13 +450,32 @@ def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
     removed = []
     for info in complete:
         if info.path not in protected:
-            shutil.rmtree(info.path, ignore_errors=True)
+            # renamed first: a kill during the deletion leaves a temporary, never a
+            # step-N folder that looks complete but is half gone
+            doomed = root / f"{_TMP_PREFIX}pruned-{info.path.name}-{uuid.uuid4().hex[:6]}"
+            os.replace(info.path, doomed)
+            fsync_dir(root)
+            shutil.rmtree(doomed, ignore_errors=True)
             removed.append(info.path)
     return removed
 
 
+def abandon_later_checkpoints(root: Path, step: int) -> list[Path]:
+    """A branch: the run goes on from ``step``, so its checkpoints of later steps (the
+    abandoned future) are moved into ``abandoned/``, where they no longer win a plain
+    ``--resume`` or get pruned before the new line's own."""
+    later = [c.path for c in list_checkpoints(root) if c.step > step]
+    later += [p for p, _ in incomplete_checkpoints(root) if int(p.name.split("-")[1]) > step]
+    moved = [set_aside(path, f"after-step-{step}") for path in later]
+    pointer = root / LATEST_FILE
+    if moved and pointer.is_file():
+        pointer.unlink()  # it named an abandoned step; the next save writes it again
+    return moved
+
+
 def remove_stale_temporaries(root: Path) -> None:
-    """Remove what interrupted saves left behind (hidden ``.tmp-*`` entries)."""
+    """Remove what interrupted saves and prunes left behind (hidden ``.tmp-*`` entries).
+    Only the process that holds the run folder's lock may call it."""
     if not root.is_dir():
         return
     for path in root.iterdir():
@@ -324,13 +507,24 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: not readable JSON ({exc})") from exc
 
 
+_COUNTERS = ("step", "images_seen", "data_position")
+
+
 def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """``trainer.json`` of a checkpoint, its format and counters checked."""
     state = read_json(folder / TRAINER_FILE)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{folder / TRAINER_FILE}: not a {CHECKPOINT_FORMAT} checkpoint "
             f"(format {state.get('format') if isinstance(state, dict) else None!r})"
         )
+    for name in _COUNTERS:
+        value = state.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(
+                f"{folder / TRAINER_FILE}: '{name}' must be a count (an integer >= 0), got "
+                f"{value!r}"
+            )
     return state
 
 
@@ -413,6 +607,25 @@ def _set_python_rng_state(state: list[Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def _numpy_rng_state() -> list[Any] | None:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return None
+    state: Any = np.random.get_state(legacy=True)
+    name, keys, pos, has_gauss, cached = state
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _set_numpy_rng_state(state: list[Any] | None) -> None:
+    if state is None:
+        return
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = state
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
 # ---- a training checkpoint -------------------------------------------------------------
 
 
@@ -444,6 +657,7 @@ def write_training_checkpoint(
     if world_size > 1 and device.type == "cuda":
         cuda_states = distributed.all_gather_tensor(torch.cuda.get_rng_state(device))
     python_states = distributed.all_gather_strings(json.dumps(_python_rng_state()))
+    numpy_states = distributed.all_gather_strings(json.dumps(_numpy_rng_state()))
     replicas: dict[str, list[str]] = {}
     if world_size > 1:
         for name in ("G", "D"):
@@ -486,6 +700,8 @@ def write_training_checkpoint(
         "skipped_steps": state.skipped_steps,
         "python_rng": _python_rng_state(),
         "python_rng_ranks": [json.loads(text) for text in python_states[1:]],
+        "numpy_rng": json.loads(numpy_states[0]),
+        "numpy_rng_ranks": [json.loads(text) for text in numpy_states[1:]],
         "replicas": replicas,
         "sample_prompts": sample_prompts,
         "time": time.time(),
@@ -521,6 +737,30 @@ def write_training_checkpoint(
     return target
 
 
+def _restore_rng(
+    rng: Mapping[str, torch.Tensor],
+    saved: Mapping[str, Any],
+    device: torch.device,
+    rank: int,
+    world_size: int,
+    saved_world: int,
+) -> None:
+    if saved_world == world_size and rank > 0:
+        torch.set_rng_state(rng[f"rank{rank}.torch_cpu"])
+        _set_python_rng_state(saved["python_rng_ranks"][rank - 1])
+        ranks = saved.get("numpy_rng_ranks") or []
+        _set_numpy_rng_state(ranks[rank - 1] if len(ranks) >= rank else None)
+    else:
+        torch.set_rng_state(rng["torch_cpu"])
+        _set_python_rng_state(saved["python_rng"])
+        _set_numpy_rng_state(saved.get("numpy_rng"))
+    if device.type == "cuda" and f"rank{rank}.torch_cuda" in rng:
+        torch.cuda.set_rng_state(rng[f"rank{rank}.torch_cuda"], device)
+    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    if cuda_states and torch.cuda.is_available() and world_size == 1:
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+
+
 def read_training_checkpoint(
     folder: Path,
     *,
@@ -539,8 +779,17 @@ def read_training_checkpoint(
     its own random streams; on another number, every rank gets a fresh stream seeded by
     (``seed``, step, rank)."""
     saved = read_trainer_state(folder)
+    problem = checkpoint_problem(folder, verify=True)
+    if problem is not None:
+        raise CheckpointError(f"{folder}: not a complete checkpoint ({problem})")
     for name, module in modules.items():
         load_module_state(module, folder / name)
+        bad = non_finite_tensors(module.state_dict().items())
+        if bad:
+            raise CheckpointError(
+                f"{folder / name / 'model.safetensors'}: non-finite values in "
+                f"{', '.join(bad[:5])}; resume from an earlier checkpoint"
+            )
     losses_state = _load_tensors(folder / "losses.safetensors")
     for i, loss in enumerate(losses):
         own = {k[len(f"{i}.") :]: v for k, v in losses_state.items() if k.startswith(f"{i}.")}
@@ -555,18 +804,16 @@ def read_training_checkpoint(
                 v.copy_(own[k])
     load_optimizer_state(optimizers, folder)
     rng = _load_tensors(folder / "rng.safetensors")
-    saved_world = int(saved.get("world_size", 1))
-    if saved_world == world_size and rank > 0:
-        torch.set_rng_state(rng[f"rank{rank}.torch_cpu"])
-        _set_python_rng_state(saved["python_rng_ranks"][rank - 1])
-    else:
-        torch.set_rng_state(rng["torch_cpu"])
-        _set_python_rng_state(saved["python_rng"])
-    if device.type == "cuda" and f"rank{rank}.torch_cuda" in rng:
-        torch.cuda.set_rng_state(rng[f"rank{rank}.torch_cuda"], device)
-    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-    if cuda_states and torch.cuda.is_available() and world_size == 1:
-        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    saved_world = saved.get("world_size", 1)
+    if not isinstance(saved_world, int) or saved_world < 1:
+        raise CheckpointError(f"{folder / TRAINER_FILE}: bad world_size {saved_world!r}")
+    try:
+        _restore_rng(rng, saved, device, rank, world_size, saved_world)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{folder}: the random number generator states in rng.safetensors / "
+            f"{TRAINER_FILE} are damaged ({type(exc).__name__}: {exc})"
+        ) from exc
     if saved_world != world_size and world_size > 1:
         seed_everything(seed + 1_000_003 * int(saved["step"]) + rank)
     state = TrainerState(
@@ -590,3 +837,129 @@ def read_training_checkpoint(
         )
     log.info("resumed from %s at step %d", folder, state.step)
     return state, saved
+
+
+# ---- the run folder's lock -------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+_HELD: dict[str, tuple[Any, int]] = {}  # resolved run folder -> (open lock file, holders)
+
+
+class RunFolderLock:
+    """An exclusive lock on a run folder for the life of a run (``fcntl.flock`` on
+    ``<run>/.lock``, which names the holder's pid, host and start time).
+
+    A second process is refused with a :class:`CheckpointError` that names the holder. The
+    kernel drops the lock when its holder dies, however it dies, so a stale lock file of a
+    killed run never blocks the next one. Within one process the lock is re-entrant (the
+    CLI and the Trainer it starts both take it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.key = str(self.folder.resolve())
+        self.held = False
+
+    def acquire(self) -> RunFolderLock:
+        import fcntl
+        import socket
+
+        if self.held:
+            return self
+        if self.key in _HELD:
+            handle, count = _HELD[self.key]
+            _HELD[self.key] = (handle, count + 1)
+            self.held = True
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK_FILE
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise CheckpointError(
+                f"run folder {self.folder} is in use by {holder}; wait for that run to end, "
+                "or give this one another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} (since {started})\n")
+        handle.flush()
+        _HELD[self.key] = (handle, 1)
+        self.held = True
+        return self
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        handle, count = _HELD[self.key]
+        if count > 1:
+            _HELD[self.key] = (handle, count - 1)
+            return
+        del _HELD[self.key]
+        handle.close()  # closing the descriptor drops the flock
+
+    def __enter__(self) -> RunFolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# ---- starting again in a folder that holds a run (--overwrite) -------------------------
+
+RUN_OUTPUTS = ("checkpoints", "samples", "tensorboard", "evals", "metrics.jsonl", "spec.json")
+"""What a run writes into its folder (and ``--overwrite`` replaces)."""
+
+
+def move_run_aside(folder: Path) -> Path | None:
+    """Move the outputs of the run in ``folder`` into ``folder/.previous-<id>/`` (the new run
+    replaces them only once it has a checkpoint of its own); ``None`` if there are none."""
+    present = [name for name in RUN_OUTPUTS if (folder / name).exists()]
+    if not present:
+        return None
+    aside = folder / f".previous-{uuid.uuid4().hex[:8]}"
+    aside.mkdir()
+    for name in present:
+        os.replace(folder / name, aside / name)
+    fsync_dir(folder)
+    log.warning("the previous run in %s is kept in %s until the new one checkpoints", folder, aside)
+    return aside
+
+
+def restore_run(folder: Path, aside: Path) -> None:
+    """Put a run moved aside by :func:`move_run_aside` back (the new run failed before its
+    first checkpoint); what the new run wrote is dropped."""
+    for name in RUN_OUTPUTS:
+        if (aside / name).exists():
+            target = folder / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(aside / name, target)
+    aside.rmdir()
+    fsync_dir(folder)
+    log.warning("the new run stopped before its first checkpoint; the previous run is restored")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of ``metrics.jsonl`` up to ``step`` (a resume at ``step`` writes the
+    later ones again); unreadable lines are kept as they are."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            record_step = None
+        if not isinstance(record_step, int) or record_step <= step:
+            kept.append(line)
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)

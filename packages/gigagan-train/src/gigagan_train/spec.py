@@ -23,6 +23,7 @@ Importing this module builds nothing and imports neither the loop nor the metric
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -58,6 +59,7 @@ __all__ = [
     "accepts_argument",
     "check_text_encoder_rule",
     "check_weights_file",
+    "resume_changes",
 ]
 
 # Counts and sizes are strict: TOML's `true` or JSON's "8" is an error, not 1 or 8.
@@ -554,3 +556,57 @@ def check_text_encoder_rule(spec: RunSpec) -> None:
             f"set it to the {model_path}'s text_encoder table (the two then share one frozen "
             "encoder)"
         )
+
+
+# ---- resuming with a changed spec ------------------------------------------------------
+
+_FIXED_ON_RESUME = ("generator", "upsampler", "discriminator")
+
+
+def resume_changes(saved: RunSpec, current: RunSpec) -> tuple[list[str], list[str]]:
+    """What differs between the spec a checkpoint was written with and the one resuming it:
+    ``(refused, applied)``, each a list of ``"field: old -> new"`` lines.
+
+    Refused: anything the checkpoint's tensors or data position depend on (the networks,
+    the dataset's kind and resolution, the losses' kinds and order, the augmentation's
+    kind). Applied from the new spec: everything else (learning rates, intervals, length,
+    ``max_minutes``, loss weights ...)."""
+    old, new = saved.model_dump(mode="json"), current.model_dump(mode="json")
+    refused, applied = [], []
+
+    def say(name: str, a: Any, b: Any) -> str:
+        text = f"{name}: {json.dumps(a, sort_keys=True)} -> {json.dumps(b, sort_keys=True)}"
+        return text if len(text) <= 200 else f"{name}: changed"
+
+    for name in _FIXED_ON_RESUME:
+        if old.get(name) != new.get(name):
+            refused.append(say(name, old.get(name), new.get(name)))
+    for name in ("kind", "resolution"):
+        a, b = old["dataset"].get(name), new["dataset"].get(name)
+        if a != b:
+            refused.append(say(f"dataset.{name}", a, b))
+    kinds = [[loss["kind"] for loss in spec["losses"]] for spec in (old, new)]
+    if kinds[0] != kinds[1]:
+        refused.append(say("losses (kinds)", kinds[0], kinds[1]))
+    augment = [(spec.get("augment") or {}).get("kind") for spec in (old, new)]
+    if augment[0] != augment[1]:
+        refused.append(say("augment.kind", augment[0], augment[1]))
+    checked = {*_FIXED_ON_RESUME, "model_preset", "upsampler_preset", "name", "output_dir"}
+    for name in sorted(set(old) | set(new)):
+        if name in checked or old.get(name) == new.get(name):
+            continue
+        if name == "dataset":
+            keys = sorted(set(old[name]) | set(new[name]))
+            for key in (k for k in keys if k not in ("kind", "resolution")):
+                if old[name].get(key) != new[name].get(key):
+                    applied.append(say(f"dataset.{key}", old[name].get(key), new[name].get(key)))
+            continue
+        if name == "losses" and kinds[0] == kinds[1]:
+            for i, (a, b) in enumerate(zip(old[name], new[name], strict=True)):
+                if a != b:
+                    applied.append(say(f"losses.{i}", a, b))
+            continue
+        if name == "augment" and augment[0] != augment[1]:
+            continue
+        applied.append(say(name, old.get(name), new.get(name)))
+    return refused, applied

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -57,9 +56,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         if group.is_main:
             check_writable(folder)
-            if args.overwrite:
-                _clear_run_folder(folder)
-        distributed.barrier()  # no rank looks at the folder before rank 0 has cleared it
+        # --overwrite: the new run is built (and its spec, data and models checked) first;
+        # the old one is moved aside when it starts and deleted at its first checkpoint
         trainer = Trainer(
             spec,
             args.out,
@@ -67,6 +65,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             progress=not args.no_progress and group.is_main,
             rank=group.rank,
             world_size=group.world_size,
+            overwrite=args.overwrite,
         )
         start = trainer.state.step
         began = time.monotonic()
@@ -87,14 +86,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _clear_run_folder(folder: Path) -> None:
-    """Remove what a run writes (checkpoints, samples, logs), nothing else."""
-    for name in ("checkpoints", "samples", "tensorboard"):
-        shutil.rmtree(folder / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "spec.json"):
-        (folder / name).unlink(missing_ok=True)
-
-
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add ``gigagan train`` to the ``gigagan`` parser's subcommands ``sub``."""
     p = sub.add_parser("train", parents=[common], help="train from a run spec")
@@ -112,7 +103,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--overwrite",
         action="store_true",
         help="start again in a run folder that holds a run (its checkpoints, samples and "
-        "metrics are deleted)",
+        "metrics are replaced once the new run has its first checkpoint)",
     )
     p.add_argument("--steps", type=int, help="train to this step (overrides the spec)")
     p.add_argument("--max-minutes", type=float, help="stop after this much wall time")

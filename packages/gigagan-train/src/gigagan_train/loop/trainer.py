@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,21 +42,26 @@ import torch
 from torch import nn
 
 from gigagan_core.frozen import set_trainable
-from gigagan_core.specs import dump_spec
+from gigagan_core.specs import dump_spec, load_spec
 from gigagan_train import distributed
 from gigagan_train.assemble import AssembledRun, assemble, build_optimizers, lazy_interval, run_dir
 from gigagan_train.checkpoint import (
+    RunFolderLock,
     TrainerState,
+    abandon_later_checkpoints,
+    move_run_aside,
     read_training_checkpoint,
     remove_stale_temporaries,
+    restore_run,
     resume_point,
     seed_everything,
     step_folder_name,
+    truncate_metrics,
     write_training_checkpoint,
 )
 from gigagan_train.data.batches import batch_stream, first_items, next_batch
 from gigagan_train.data.textcache import TextFeatureCache, open_text_cache
-from gigagan_train.errors import RunError, TrainingAbortedError
+from gigagan_train.errors import CheckpointError, RunError, TrainingAbortedError
 from gigagan_train.evaluation.evaluate import evaluate_generator, scalar_metrics
 from gigagan_train.loop.ema import ema_beta, make_ema, update_ema
 from gigagan_train.loop.guard import NanGuard
@@ -65,7 +71,7 @@ from gigagan_train.loop.phases import PhaseRunner, split_batch
 from gigagan_train.loop.replicas import Replicas
 from gigagan_train.loop.samples import SampleGrids
 from gigagan_train.networks import resolve_device
-from gigagan_train.spec import RunSpec
+from gigagan_train.spec import RunSpec, resume_changes
 
 __all__ = ["Trainer"]
 
@@ -90,15 +96,32 @@ class Trainer:
         rank: int = 0,
         world_size: int = 1,
         run: AssembledRun | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.spec = spec
         self.folder = run_dir(spec, out)
         self.rank, self.world_size = rank, world_size
         self.progress = progress
+        self.overwrite = overwrite
         self.device = resolve_device(spec.device)
         self.state = TrainerState()
+        self._resumed_from: Path | None = None
+        # rank 0 holds the run folder for the run's life: a second run into it is refused
+        self._lock = RunFolderLock(self.folder).acquire() if rank == 0 else None
+        try:
+            self._setup(spec, resume, run)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(
+        self, spec: RunSpec, resume: str | Path | bool | None, run: AssembledRun | None
+    ) -> None:
+        world_size, rank = self.world_size, self.rank
         trains = "upsampler" if spec.trains_upsampler else "generator"
-        resume_from = resume_point(self.folder, resume, trains)
+        resume_from = resume_point(self.folder, resume, trains, overwrite=self.overwrite)
+        if resume_from is not None:
+            self._check_resume_spec(resume_from)
         if world_size > 1 and not distributed.is_distributed():
             raise RunError(
                 f"world_size={world_size} but no process group is initialised: start "
@@ -165,14 +188,26 @@ class Trainer:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Release the run folder (done by :meth:`fit` when it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+
     # ---- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> TrainerState:
         """Train until the spec's length (or ``max_minutes``), with logs, samples, checkpoints."""
         spec, state = self.spec, self.state
+        previous: Path | None = None
         if self.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.folder / "checkpoints")
+            if self.overwrite and self._resumed_from is None:
+                previous = move_run_aside(self.folder)
+            if self._resumed_from is not None:
+                # a branch: later checkpoints of this folder leave the run's line
+                abandon_later_checkpoints(self.folder / "checkpoints", state.step)
+                truncate_metrics(self.folder / "metrics.jsonl", state.step)
             dump_spec(spec, self.folder / "spec.json")
         self._metrics = MetricsLog(self.folder, enabled=self.is_main, tensorboard=spec.tensorboard)
         bar = progress_bar(self.total_steps, state.step) if self.progress and self.is_main else None
@@ -180,6 +215,7 @@ class Trainer:
         window = Window()
         batches = self.batches()
         health = DataHealth(self.run.dataset, spec.dataset.kind)
+        checkpoints_before = state.last_checkpoint_step
         try:
             while state.step < self.total_steps:
                 batch = next_batch(batches)
@@ -216,6 +252,9 @@ class Trainer:
                     self.evaluate()
                 if step % spec.checkpoint_every == 0:
                     self.save_checkpoint()
+                if previous is not None and state.last_checkpoint_step != checkpoints_before:
+                    shutil.rmtree(previous, ignore_errors=True)  # the new run has its own
+                    previous = None
                 if self._time_up(start_time):
                     log.warning(
                         "max_minutes=%s reached after %d steps; stopping",
@@ -228,10 +267,16 @@ class Trainer:
                 self.write_samples()
             if state.last_checkpoint_step != state.step:
                 self.save_checkpoint()
+            if previous is not None:
+                shutil.rmtree(previous, ignore_errors=True)
+                previous = None
         finally:
             if bar is not None:
                 bar.close()
             self._metrics.close()
+            if previous is not None:  # stopped before its first checkpoint: put the old back
+                restore_run(self.folder, previous)
+            self.close()
         return state
 
     def train_step(self, batch: dict[str, Any]) -> StepResult:
@@ -402,7 +447,29 @@ class Trainer:
             keep_last=self.spec.keep_last,
         )
 
+    def _check_resume_spec(self, folder: Path) -> None:
+        """Refuse a resume whose spec changes what the checkpoint fixes; log what it changes
+        otherwise (those values come from the new spec)."""
+        try:
+            saved = load_spec(folder / "spec.json", RunSpec)
+        except Exception as exc:  # a checkpoint of another version, or damaged
+            log.warning("%s: its spec.json is not readable (%s); not compared", folder, exc)
+            return
+        refused, applied = resume_changes(saved, self.spec)
+        if refused:
+            raise CheckpointError(
+                f"cannot resume {folder} with this spec: {'; '.join(refused)} (the "
+                "checkpoint's tensors depend on it; start a new run with --out or --overwrite)"
+            )
+        for line in applied:
+            log.warning("resume: %s (from the new spec)", line)
+
     def _load(self, folder: Path) -> None:
+        # the optimisers' hyperparameters come from this run's spec, not the checkpoint
+        hyper = [
+            [{k: g[k] for k in ("lr", "betas", "eps", "weight_decay")} for g in opt.param_groups]
+            for opt in (self.opt_G, self.opt_D)
+        ]
         self.state, saved = read_training_checkpoint(
             folder,
             modules=self._modules(),
@@ -413,5 +480,9 @@ class Trainer:
             rank=self.rank,
             world_size=self.world_size,
         )
+        for opt, groups in zip((self.opt_G, self.opt_D), hyper, strict=True):
+            for group, values in zip(opt.param_groups, groups, strict=True):
+                group.update(values)
+        self._resumed_from = folder
         if saved.get("sample_prompts") is not None:
             self.sample_prompts = list(saved["sample_prompts"])
