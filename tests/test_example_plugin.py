@@ -105,6 +105,7 @@ def test_cli_trains_from_a_spec_naming_the_plugin_and_autoload_switch_removes_it
     spec.write_text(
         'name = "boards"\nbatch_size = 4\nmodel_preset = "tiny"\n'
         '[dataset]\nkind = "example-checkerboard"\nresolution = 16\n'
+        '[[losses]]\nkind = "adversarial"\n'
     )
     listed = _cli(["plugins", "--json", "--role", "dataset"], installed_example)
     assert listed.returncode == 0, listed.stderr

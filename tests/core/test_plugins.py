@@ -249,7 +249,7 @@ def test_unknown_kind_and_role_errors_list_what_is_installed():
     with pytest.raises(UnknownComponentError) as err:
         registry.list_components("optimizer")
     assert str(err.value) == (
-        "unknown role 'optimizer'; roles: dataset, discriminator, generator, layer, loss, "
+        "unknown role 'optimizer'; roles: augment, dataset, discriminator, generator, layer, loss, "
         "text_encoder, upsampler"
     )
 

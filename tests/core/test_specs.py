@@ -175,6 +175,7 @@ def test_json_schema_of_a_role_is_the_union_of_installed_kinds(make_distribution
 def test_full_json_schema_covers_every_role_with_components():
     schema = load_registry(autoload=False).json_schema()
     assert set(schema["properties"]) == {
+        "augment",
         "dataset",
         "discriminator",
         "generator",

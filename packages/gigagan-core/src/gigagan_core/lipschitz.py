@@ -93,6 +93,8 @@ import torch
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
+from gigagan_core.errors import InputError
+
 __all__ = [
     "Family",
     "TensorMap",
@@ -136,7 +138,7 @@ def _check_input(x: torch.Tensor) -> torch.Tensor:
     if not x.is_floating_point():
         raise TypeError(f"expected a real floating-point input, got dtype {x.dtype}")
     if x.numel() == 0:
-        raise ValueError("the input has no elements")
+        raise InputError("the input has no elements")
     return x.detach()
 
 
@@ -245,9 +247,9 @@ def jacobian_spectral_norm(
     """
     x = _check_input(x)
     if iters < 1:
-        raise ValueError(f"iters must be at least 1, got {iters}")
+        raise InputError(f"iters must be at least 1, got {iters}")
     if mode not in ("auto", "jvp", "double-vjp"):
-        raise ValueError(f"unknown mode {mode!r}; expected 'auto', 'jvp' or 'double-vjp'")
+        raise InputError(f"unknown mode {mode!r}; expected 'auto', 'jvp' or 'double-vjp'")
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(0)
     v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -277,7 +279,7 @@ def jacobian_norm_exact(f: TensorMap, x: torch.Tensor) -> float:
     with torch.no_grad():
         out_numel = f(x).numel()
     if out_numel * x.numel() > _EXACT_MAX_ENTRIES:
-        raise ValueError(
+        raise InputError(
             f"the Jacobian would have {out_numel} x {x.numel()} entries; "
             "use jacobian_spectral_norm for inputs this large"
         )
@@ -294,10 +296,10 @@ def secant_ratio(f: TensorMap, x: torch.Tensor, y: torch.Tensor) -> float:
     """``‖f(x) − f(y)‖ / ‖x − y‖``, norms over all elements; a lower bound on Lip(f)."""
     x, y = _check_input(x), _check_input(y)
     if x.shape != y.shape:
-        raise ValueError(f"x and y differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+        raise InputError(f"x and y differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
     dx = float(torch.linalg.vector_norm(x - y))
     if dx == 0.0:
-        raise ValueError("x and y are equal; the secant ratio is undefined")
+        raise InputError("x and y are equal; the secant ratio is undefined")
     with torch.no_grad():
         df = float(torch.linalg.vector_norm(f(x) - f(y)))
     return df / dx
@@ -337,7 +339,7 @@ def jacobian_growth(
             return jacobian_norm_exact(f, x)
 
     else:
-        raise ValueError(f"unknown method {method!r}; expected 'power' or 'exact'")
+        raise InputError(f"unknown method {method!r}; expected 'power' or 'exact'")
     small = norm(family(t_small))
     large = norm(family(t_large))
     if small == 0.0:
@@ -370,10 +372,10 @@ def lambert_w0(x: float) -> float:
     """
     x = float(x)
     if math.isnan(x):
-        raise ValueError("lambert_w0 of nan")
+        raise InputError("lambert_w0 of nan")
     if x < _BRANCH_POINT:
         if x < _BRANCH_POINT - 1e-15:
-            raise ValueError(f"lambert_w0 is real only for x >= -1/e, got {x!r}")
+            raise InputError(f"lambert_w0 is real only for x >= -1/e, got {x!r}")
         x = _BRANCH_POINT
     if x == 0.0 or math.isinf(x):
         return x
@@ -434,7 +436,7 @@ def l2_attention_kernel_bound(n_tokens: int) -> float:
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int):
         raise TypeError(f"n_tokens must be an int, got {type(n_tokens).__name__}")
     if n_tokens < 1:
-        raise ValueError(f"n_tokens must be at least 1, got {n_tokens}")
+        raise InputError(f"n_tokens must be at least 1, got {n_tokens}")
     w = lambert_w0((n_tokens - 1) / math.e)
     values = math.sqrt((n_tokens + 1) / 2.0)
     covariance = 2.0 * w
@@ -472,13 +474,13 @@ def l2_mha_lipschitz_bound(
     """
     kernel = l2_attention_kernel_bound(n_tokens)
     if w_q.ndim != 3 or w_v.shape != w_q.shape:
-        raise ValueError(
+        raise InputError(
             "w_q and w_v must both be (heads, dim, dim_head); got "
             f"{tuple(w_q.shape)} and {tuple(w_v.shape)}"
         )
     heads, dim, dim_head = w_q.shape
     if w_o.shape != (heads * dim_head, dim):
-        raise ValueError(
+        raise InputError(
             f"w_o must be (heads * dim_head, dim) = ({heads * dim_head}, {dim}); "
             f"got {tuple(w_o.shape)}"
         )
@@ -508,13 +510,13 @@ def ascend_jacobian_norm(
     """
     x = _check_input(x)
     if steps < 0:
-        raise ValueError(f"steps must be non-negative, got {steps}")
+        raise InputError(f"steps must be non-negative, got {steps}")
     if not step_size > 0.0:
-        raise ValueError(f"step_size must be positive, got {step_size}")
+        raise InputError(f"step_size must be positive, got {step_size}")
     with torch.no_grad():
         out_numel = f(x).numel()
     if out_numel * x.numel() > _EXACT_MAX_ENTRIES:
-        raise ValueError(
+        raise InputError(
             f"the Jacobian would have {out_numel} x {x.numel()} entries; too large to ascend"
         )
 
@@ -572,7 +574,7 @@ def origin_family(
     it. The directions u_j are drawn once (from ``generator``) and reused for every t.
     """
     if n < 1 or d < 1:
-        raise ValueError(f"n and d must be positive, got n={n}, d={d}")
+        raise InputError(f"n and d must be positive, got n={n}, d={d}")
     directions = _origin_directions(n, d, generator, dtype)
 
     def at(t: float) -> torch.Tensor:
@@ -584,7 +586,7 @@ def origin_family(
 def ray_family(base: torch.Tensor, direction: torch.Tensor) -> Family:
     """``t ↦ base + t·direction``: move an input off to infinity along a chosen direction."""
     if base.shape != direction.shape:
-        raise ValueError(
+        raise InputError(
             f"base and direction differ in shape: {tuple(base.shape)} vs {tuple(direction.shape)}"
         )
     base, direction = base.detach().clone(), direction.detach().clone()
@@ -617,7 +619,7 @@ def scales(lo: float = 1e-2, hi: float = 1e3) -> SearchStrategy[float]:
     """Log-uniform floats in ``[lo, hi]`` (both ends included); shrinks towards their
     geometric mean."""
     if not 0.0 < lo <= hi:
-        raise ValueError(f"need 0 < lo <= hi, got lo={lo}, hi={hi}")
+        raise InputError(f"need 0 < lo <= hi, got lo={lo}, hi={hi}")
     log_lo, log_hi = math.log(lo), math.log(hi)
     middle = 0.5 * (log_lo + log_hi)
 
@@ -698,7 +700,7 @@ def clustered_tokens(
         st.integers(min_value=1, max_value=min(3, n_)) if clusters is None else _strategy(clusters)
     )
     if not 1 <= k <= n_:
-        raise ValueError(f"clusters must lie in 1..n={n_}, got {k}")
+        raise InputError(f"clusters must lie in 1..n={n_}, got {k}")
     s = draw(scales(1e-3, 0.3) if spread is None else _strategy(spread))
     g = _generator(draw(_SEEDS))
     centres = torch.randn(k, d_, generator=g, dtype=dtype)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor
 
+from gigagan_core.errors import InputError
 from gigagan_core.nets.pyramid import build_pyramid
 from gigagan_losses.base import Loss, LossContext, LossSpec, Phase
 
@@ -64,11 +65,11 @@ def parse_pair(key: str) -> Pair:
             raise ValueError
         i, j = (int(p.strip()) for p in parts)
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f"pair key {key!r} is not of the form 'i,j' (input level i, output level j), e.g. '0,1'"
         ) from None
     if not 0 <= i < j:
-        raise ValueError(f"pair key {key!r} needs 0 <= i < j (levels are read out deeper)")
+        raise InputError(f"pair key {key!r} needs 0 <= i < j (levels are read out deeper)")
     return i, j
 
 
@@ -85,14 +86,14 @@ def reduce_pairs(
     that does not exist would otherwise be silently ignored).
     """
     if not values:
-        raise ValueError("the discriminator output has no (i, j) pairs to combine")
+        raise InputError("the discriminator output has no (i, j) pairs to combine")
     pairs = sorted(values)
     weights = dict.fromkeys(pairs, 1.0)
     for key, weight in (pair_weights or {}).items():
         pair = parse_pair(key)
         if pair not in weights:
             valid = ", ".join(f"'{i},{j}'" for i, j in pairs)
-            raise ValueError(
+            raise InputError(
                 f"pair_weights names pair '{pair[0]},{pair[1]}', which this discriminator "
                 f"does not output; its pairs are {valid}"
             )
@@ -102,10 +103,10 @@ def reduce_pairs(
     if reduction == "sum":
         return total
     if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        raise InputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     norm = sum(weights.values())
     if norm <= 0:
-        raise ValueError("pair_weights are all zero: their weighted mean is undefined")
+        raise InputError("pair_weights are all zero: their weighted mean is undefined")
     return total / norm
 
 
@@ -144,9 +145,9 @@ class PairWeightedLossSpec(LossSpec):
             i, j = parse_pair(key)
             canonical = f"{i},{j}"
             if canonical in normalised:
-                raise ValueError(f"pair '{canonical}' is given twice in pair_weights")
+                raise InputError(f"pair '{canonical}' is given twice in pair_weights")
             if not math.isfinite(weight) or weight < 0:
-                raise ValueError(f"pair '{canonical}' has weight {weight}; weights must be >= 0")
+                raise InputError(f"pair '{canonical}' has weight {weight}; weights must be >= 0")
             normalised[canonical] = weight
         return normalised
 
@@ -267,7 +268,7 @@ def lazy_regularization_adam(
     step; a penalty applied inside every D step needs no rescale.
     """
     if interval < 1:
-        raise ValueError(f"interval must be at least 1, got {interval}")
+        raise InputError(f"interval must be at least 1, got {interval}")
     c = interval / (interval + 1)
     beta1, beta2 = betas
     return lr * c, (beta1**c, beta2**c)
@@ -419,7 +420,7 @@ class MatchingAwareLossSpec(PairWeightedLossSpec):
     @classmethod
     def _check_shifts(cls, value: int) -> int:
         if value == 0:
-            raise ValueError("shifts=0 pairs every image with its own caption")
+            raise InputError("shifts=0 pairs every image with its own caption")
         return value
 
 
@@ -459,12 +460,12 @@ class MatchingAwareLoss(_PairWeightedLoss):
 
     def _check(self, ctx: LossContext) -> None:
         if ctx.text_embedding is None:
-            raise ValueError(
+            raise InputError(
                 "the matching-aware loss (Eq. 8) needs a text-conditional discriminator; this "
                 "one is unconditional (remove the loss or give D a text encoder)"
             )
         if ctx.batch_size < 2:
-            raise ValueError(
+            raise InputError(
                 "the matching-aware loss (Eq. 8) needs a batch of at least 2 to pair images "
                 f"with other samples' captions; got a batch of {ctx.batch_size}"
             )

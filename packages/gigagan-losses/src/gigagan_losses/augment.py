@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.specs import ComponentSpec
 
 __all__ = [
@@ -220,7 +221,7 @@ class ADAugmentSpec(AugmentSpec):
     @model_validator(mode="after")
     def _check_p(self) -> ADAugmentSpec:
         if self.initial_p > self.max_p:
-            raise ValueError(f"initial_p={self.initial_p} is above max_p={self.max_p}")
+            raise InputError(f"initial_p={self.initial_p} is above max_p={self.max_p}")
         return self
 
 

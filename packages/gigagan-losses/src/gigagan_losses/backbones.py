@@ -41,6 +41,7 @@ from pydantic import (
 )
 from torch import Tensor, nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.frozen import freeze
 from gigagan_core.nets.clip import (
     CLIPWeightsError,
@@ -160,7 +161,7 @@ class CLIPModelSpec(LossSpec, OpenCLIPConfigFields):
         cls, value: tuple[float, float, float] | None
     ) -> tuple[float, float, float] | None:
         if value is not None and any(s <= 0 for s in value):
-            raise ValueError(f"image_std must be positive, got {value}")
+            raise InputError(f"image_std must be positive, got {value}")
         return value
 
 
@@ -198,7 +199,7 @@ class ImagePreprocess(nn.Module):
     ) -> None:
         super().__init__()
         if len(mean) != len(std):
-            raise ValueError(f"mean and std differ in length: {len(mean)} vs {len(std)}")
+            raise InputError(f"mean and std differ in length: {len(mean)} vs {len(std)}")
         self.size = (int(size[0]), int(size[1]))
         self.interpolation: Interpolation = interpolation
         # Constants of the pretrained model, not state: rebuilt from the spec, never saved.
@@ -213,7 +214,7 @@ class ImagePreprocess(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         if images.ndim != 4 or images.shape[1] != self.channels:
-            raise ValueError(
+            raise InputError(
                 f"images must be 'b c h w' with c = {self.channels}, got {tuple(images.shape)}"
             )
         # Resized and normalised in float32 at least: CPU has no half-precision antialiased
@@ -266,7 +267,7 @@ def build_open_clip(
     config = resolve_clip_config(model_name, model_config)
     if image_size is not None:
         if not isinstance(config.get("vision_cfg"), Mapping):
-            raise ValueError("image_size needs a config with a 'vision_cfg' mapping")
+            raise InputError("image_size needs a config with a 'vision_cfg' mapping")
         config["vision_cfg"] = {**config["vision_cfg"], "image_size": image_size}
     built = build_clip_towers(config, towers)
     logit_scale: Tensor | None = None
@@ -318,7 +319,7 @@ def default_feature_indices(num_levels: int, count: int = 4) -> tuple[int, ...]:
     5-level CNN: ``(1, 2, 3, 4)``.
     """
     if num_levels < 1:
-        raise ValueError(f"the backbone has no feature levels ({num_levels})")
+        raise InputError(f"the backbone has no feature levels ({num_levels})")
     count = min(count, num_levels)
     step = num_levels // count
     return tuple(num_levels - 1 - step * k for k in reversed(range(count)))
@@ -329,17 +330,17 @@ def resolve_feature_indices(num_levels: int, out_indices: Sequence[int] | None) 
     if out_indices is None:
         return default_feature_indices(num_levels)
     if not out_indices:
-        raise ValueError("out_indices must name at least one feature level")
+        raise InputError("out_indices must name at least one feature level")
     resolved = []
     for index in out_indices:
         if not -num_levels <= index < num_levels:
-            raise ValueError(
+            raise InputError(
                 f"out_indices entry {index} is out of range for a backbone with {num_levels} "
                 f"feature levels (valid: {-num_levels} to {num_levels - 1})"
             )
         resolved.append(index % num_levels)
     if len(set(resolved)) != len(resolved):
-        raise ValueError(f"out_indices {tuple(out_indices)} name a level twice")
+        raise InputError(f"out_indices {tuple(out_indices)} name a level twice")
     return tuple(sorted(resolved))
 
 
@@ -378,7 +379,7 @@ class FrozenImageBackbone(nn.Module):
         self.indices = resolve_feature_indices(self.num_levels, out_indices)
         for index in self.indices:
             if levels[index].ndim != 4:
-                raise ValueError(
+                raise InputError(
                     f"feature level {index} has shape {tuple(levels[index].shape)}; "
                     "expected a 'b c h w' map"
                 )
@@ -473,7 +474,7 @@ class TimmImageBackbone(FrozenImageBackbone):
 
         model = create_timm_model(model_name, model_kwargs)
         if not callable(getattr(model, "forward_intermediates", None)):
-            raise ValueError(
+            raise InputError(
                 f"timm model '{model_name}' has no forward_intermediates; pick one that does "
                 "(ResNets, ConvNeXts, EfficientNets, ViTs, ...)"
             )
@@ -526,7 +527,7 @@ def create_timm_model(
     kwargs = dict(model_kwargs or {})
     check_timm_kwargs(kwargs)
     if ":" in model_name:
-        raise ValueError(
+        raise InputError(
             f"timm model '{model_name}' names a hub config, which would be downloaded; "
             "name an architecture (e.g. 'vit_base_patch32_clip_224') and pass timm_kwargs"
         )
@@ -537,14 +538,14 @@ def create_timm_model(
             raise
         close = difflib.get_close_matches(model_name, timm.list_models(), n=5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown timm model '{model_name}'{hint}") from err
+        raise InputError(f"unknown timm model '{model_name}'{hint}") from err
 
 
 def check_timm_kwargs(kwargs: Mapping[str, Any]) -> None:
     """Refuse ``timm.create_model`` keywords that download or that the backbone sets itself."""
     reserved = sorted(set(kwargs) & _TIMM_RESERVED_KWARGS)
     if reserved:
-        raise ValueError(
+        raise InputError(
             f"timm_kwargs may not set {', '.join(reserved)}: weights come only from a local "
             "weights file (nothing is downloaded) and features are read through out_indices"
         )

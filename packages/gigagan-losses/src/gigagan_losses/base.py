@@ -47,6 +47,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.frozen import trainable_parameters
 from gigagan_core.nets.discriminator import DiscriminatorOutput
 from gigagan_core.nets.pyramid import build_pyramid
@@ -112,9 +113,9 @@ class LossContext:
         augment: Callable[[list[Tensor]], list[Tensor]] | None = None,
     ) -> None:
         if phase not in ("G", "D"):
-            raise ValueError(f"phase must be 'G' or 'D', got {phase!r}")
+            raise InputError(f"phase must be 'G' or 'D', got {phase!r}")
         if texts is not None and len(texts) != real.shape[0]:
-            raise ValueError(f"{real.shape[0]} real images but {len(texts)} captions")
+            raise InputError(f"{real.shape[0]} real images but {len(texts)} captions")
         self.phase: Phase = phase
         self.step = step
         self.real = real
@@ -191,11 +192,11 @@ class LossContext:
         """``t_D`` rolled along the batch so that no image keeps its own caption (Eq. 8)."""
         t = self.text_embedding
         if t is None:
-            raise ValueError("mismatched captions need a text-conditional discriminator")
+            raise InputError("mismatched captions need a text-conditional discriminator")
         if self.batch_size < 2:
-            raise ValueError("mismatched captions need a batch of at least 2")
+            raise InputError("mismatched captions need a batch of at least 2")
         if shifts % self.batch_size == 0:
-            raise ValueError(f"shifts={shifts} leaves every caption with its own image")
+            raise InputError(f"shifts={shifts} leaves every caption with its own image")
         return torch.roll(t, shifts, dims=0)
 
     def discriminate(self, pyramid: Sequence[Tensor], text_embedding: Tensor | None) -> Any:
@@ -209,7 +210,7 @@ class LossContext:
 
     def _pass_inputs(self, name: str) -> tuple[list[Tensor], Tensor | None]:
         if name not in self.PASSES:
-            raise ValueError(f"unknown discriminator pass {name!r}; expected one of {self.PASSES}")
+            raise InputError(f"unknown discriminator pass {name!r}; expected one of {self.PASSES}")
         pyramid = self.real_pyramid if name.startswith("real") else self.fake_pyramid
         t = self.mismatched_text_embedding() if name.endswith("mismatched") else self.text_embedding
         if self.augment is not None:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.frozen import freeze
 from gigagan_core.pretrained import building_from_checkpoint
 from gigagan_losses.backbones import (
@@ -68,14 +69,14 @@ def clip_contrastive_from_embeddings(
     defaults to the diagonal ``arange(b)``. Computed in float32.
     """
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"expected image_emb 'b e' and text_emb 'n e' of the same width, got "
             f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
         )
     b, n = image_emb.shape[0], text_emb.shape[0]
     if targets is None:
         if n < b:
-            raise ValueError(f"{b} images but only {n} captions; pass targets")
+            raise InputError(f"{b} images but only {n} captions; pass targets")
         targets = torch.arange(b, device=image_emb.device)
     image_n = F.normalize(image_emb.float(), dim=-1)
     text_n = F.normalize(text_emb.float(), dim=-1).to(image_n.device)
@@ -159,17 +160,17 @@ class FrozenCLIP(nn.Module):
 
         text = self.towers["text"]
         if getattr(text, "cls_emb", None) is not None:
-            raise ValueError("text towers with an appended class token (CoCa) are not supported")
+            raise InputError("text towers with an appended class token (CoCa) are not supported")
         max_length = int(text.num_pos)
         if context_length is not None and context_length > max_length:
-            raise ValueError(
+            raise InputError(
                 f"context_length {context_length} exceeds the model's {max_length} positions"
             )
         self.context_length = context_length or max_length
         config_text_cfg = built.config["text_cfg"]
         self._tokenizer_kwargs: dict[str, Any] = dict(config_text_cfg.get("tokenizer_kwargs") or {})
         if config_text_cfg.get("hf_tokenizer_name"):
-            raise ValueError(
+            raise InputError(
                 "text_cfg names a Hugging Face tokenizer, which would be downloaded; only "
                 "open_clip's bundled SimpleTokenizer is supported"
             )
@@ -251,7 +252,7 @@ class CLIPContrastiveLoss(Loss):
         """
         texts = list(texts)
         if len(texts) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(texts)} captions")
+            raise InputError(f"{images.shape[0]} images but {len(texts)} captions")
         unique: dict[str, int] = {}
         targets = [unique.setdefault(text, len(unique)) for text in texts]
         text_emb = self.clip.encode_texts(list(unique))
@@ -265,7 +266,7 @@ class CLIPContrastiveLoss(Loss):
 
     def generator_terms(self, ctx: LossContext) -> dict[str, Tensor]:
         if ctx.texts is None:
-            raise ValueError("the CLIP contrastive loss needs captions (ctx.texts is None)")
+            raise InputError("the CLIP contrastive loss needs captions (ctx.texts is None)")
         return {"clip": self.loss(ctx.fake, ctx.texts)}
 
     def extra_repr(self) -> str:

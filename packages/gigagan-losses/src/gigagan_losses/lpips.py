@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.frozen import freeze
 from gigagan_core.pretrained import PretrainedError, building_from_checkpoint, check_state_dict
 from gigagan_losses.backbones import (
@@ -322,12 +323,12 @@ def _check_backbone_options(
     out_indices: Sequence[int] | None,
 ) -> None:
     if backbone not in ("vgg16", "alex", "timm"):
-        raise ValueError(f"backbone must be 'vgg16', 'alex' or 'timm', got {backbone!r}")
+        raise InputError(f"backbone must be 'vgg16', 'alex' or 'timm', got {backbone!r}")
     if backbone == "timm":
         if not timm_model:
-            raise ValueError("backbone 'timm' needs timm_model (a timm model name)")
+            raise InputError("backbone 'timm' needs timm_model (a timm model name)")
         if out_indices is not None and len(out_indices) == 0:
-            raise ValueError("out_indices must name at least one feature map")
+            raise InputError("out_indices must name at least one feature map")
         check_timm_kwargs(timm_kwargs or {})
     else:
         given = [
@@ -340,7 +341,7 @@ def _check_backbone_options(
             if value
         ]
         if given:
-            raise ValueError(
+            raise InputError(
                 f"{', '.join(given)} only apply to backbone 'timm'; backbone {backbone!r} "
                 "uses the reference implementation's five layers"
             )
@@ -517,15 +518,15 @@ class LPIPS(nn.Module):
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """LPIPS distances ``b`` between ``x`` and ``y``, both ``b 3 h w`` in [-1, 1]."""
         if x.ndim != 4 or x.shape != y.shape:
-            raise ValueError(
+            raise InputError(
                 f"LPIPS compares two b c h w batches of one shape, got {tuple(x.shape)} and "
                 f"{tuple(y.shape)}"
             )
         if x.shape[1] != self.shift.shape[1]:
-            raise ValueError(f"LPIPS takes {self.shift.shape[1]}-channel images, got {x.shape[1]}")
+            raise InputError(f"LPIPS takes {self.shift.shape[1]}-channel images, got {x.shape[1]}")
         min_size = getattr(self.backbone, "min_size", 1)
         if min(x.shape[-2:]) < min_size:
-            raise ValueError(
+            raise InputError(
                 f"LPIPS with backbone {self.backbone_name!r} needs images of at least "
                 f"{min_size}x{min_size} pixels, got {x.shape[-2]}x{x.shape[-1]}"
             )
@@ -649,7 +650,7 @@ class LPIPSLoss(Loss):
         prediction = self._resize(ctx.fake)
         target = self._resize(ctx.real.detach())
         if prediction.shape != target.shape:
-            raise ValueError(
+            raise InputError(
                 f"LPIPS compares the generated images {tuple(ctx.fake.shape)} with the ground "
                 f"truth {tuple(ctx.real.shape)}: they must have one shape (set resize_to to "
                 "compare both at a fixed size)"

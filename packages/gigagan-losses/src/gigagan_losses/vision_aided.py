@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
 from gigagan_core.layers.equalized import EqualizedConv2d
 from gigagan_losses.backbones import (
@@ -79,7 +80,7 @@ def vision_discriminator_loss(
     or ``relu(1 + l)``.
     """
     if not logits:
-        raise ValueError("no logits")
+        raise InputError("no logits")
     sign = -1.0 if real else 1.0
     terms = []
     for logit in logits:
@@ -89,7 +90,7 @@ def vision_discriminator_loss(
         elif objective == "hinge":
             terms.append(F.relu(1.0 + sign * logit).mean())
         else:
-            raise ValueError(f"unknown objective {objective!r}")
+            raise InputError(f"unknown objective {objective!r}")
     return torch.stack(terms).sum()
 
 
@@ -99,7 +100,7 @@ def vision_generator_loss(logits: Sequence[Tensor], *, objective: Objective) -> 
     Per-map mean over batch and positions, summed over maps.
     """
     if not logits:
-        raise ValueError("no logits")
+        raise InputError("no logits")
     terms = []
     for logit in logits:
         logit = logit.to(torch.promote_types(logit.dtype, torch.float32))
@@ -108,7 +109,7 @@ def vision_generator_loss(logits: Sequence[Tensor], *, objective: Objective) -> 
         elif objective == "hinge":
             terms.append(-logit.mean())
         else:
-            raise ValueError(f"unknown objective {objective!r}")
+            raise InputError(f"unknown objective {objective!r}")
     return torch.stack(terms).sum()
 
 
@@ -204,7 +205,7 @@ class VisionAidedLossSpec(CLIPModelSpec):
     @classmethod
     def _odd_kernel(cls, value: int) -> int:
         if value % 2 != 1:
-            raise ValueError("head_kernel_size must be odd so that 'same' padding is symmetric")
+            raise InputError("head_kernel_size must be odd so that 'same' padding is symmetric")
         return value
 
     @field_validator("timm_kwargs")
@@ -220,15 +221,15 @@ class VisionAidedLossSpec(CLIPModelSpec):
         ] + (["timm_kwargs"] if self.timm_kwargs else [])
         if self.backbone == "timm":
             if self.timm_model is None:
-                raise ValueError("backbone='timm' needs timm_model")
+                raise InputError("backbone='timm' needs timm_model")
             clip_set = [n for n in ("model_cfg", "weights") if getattr(self, n) is not None]
             if clip_set:
-                raise ValueError(
+                raise InputError(
                     f"{', '.join(clip_set)} belong to backbone='open_clip'; with "
                     "backbone='timm' use timm_weights / timm_kwargs"
                 )
         elif timm_set:
-            raise ValueError(
+            raise InputError(
                 f"{', '.join(timm_set)} belong to backbone='timm', but backbone='open_clip'"
             )
         return self
@@ -372,12 +373,12 @@ class VisionAidedLoss(Loss):
             return self.text_constant[None].expand(ctx.batch_size, -1)
         t = ctx.text_embedding
         if t is None:
-            raise ValueError(
+            raise InputError(
                 "the vision-aided loss is conditional but the discriminator gives no text "
                 "embedding (unconditional training); set conditional=false"
             )
         if t.shape != (ctx.batch_size, self.spec.text_dim):
-            raise ValueError(
+            raise InputError(
                 f"the discriminator's text embedding has shape {tuple(t.shape)}; the "
                 f"vision-aided heads need (b, text_dim) = ({ctx.batch_size}, "
                 f"{self.spec.text_dim}): set text_dim to the discriminator's"
@@ -408,7 +409,7 @@ class VisionAidedLoss(Loss):
         real, fake = ctx.real, ctx.fake.detach()
         b = real.shape[0]
         if fake.shape[0] != b:
-            raise ValueError(f"{b} real but {fake.shape[0]} generated images")
+            raise InputError(f"{b} real but {fake.shape[0]} generated images")
         t = self.text_vector(ctx)
         # The backbone is frozen and its inputs need no gradient here, so no graph is kept
         # for it; real and generated images share one pass (no batch statistics in eval).

@@ -84,6 +84,11 @@ def assemble(spec: RunSpec) -> AssembledRun:
     """Build every component the run names, through the plugin registry, sharing the
     trained network's text encoder by the rule in this module's docstring."""
     check_text_encoder_rule(spec)
+    if not spec.losses:
+        raise RunError(
+            "losses is empty: nothing would train; name at least one, e.g. [[losses]] kind = "
+            "'adversarial' (`gigagan plugins --role loss` lists them)"
+        )
     registry = get_registry()
     model_path = "upsampler" if spec.trains_upsampler else "generator"
     model_encoder_spec = getattr(spec.model, "text_encoder", None)

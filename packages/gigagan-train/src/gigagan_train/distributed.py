@@ -30,6 +30,7 @@ __all__ = [
     "all_gather_tensor",
     "any_true",
     "barrier",
+    "check_environment",
     "destroy",
     "init_from_env",
     "is_distributed",
@@ -64,6 +65,42 @@ def _env_int(name: str) -> int | None:
         raise RunError(f"environment variable {name}={value!r} is not an integer") from exc
 
 
+def check_environment(world_size: int | None, rank: int | None, local_rank: int | None) -> None:
+    """Refuse a torchrun environment that cannot work, before any collective (a rank
+    outside the group would otherwise wait for the rendezvous timeout): one line each."""
+    if world_size is None:
+        if rank not in (None, 0):
+            raise RunError(f"RANK={rank} is set but WORLD_SIZE is not: start with torchrun")
+        return
+    if world_size < 1:
+        raise RunError(f"WORLD_SIZE={world_size}: a group needs at least one process")
+    if world_size == 1:
+        if rank not in (None, 0) or local_rank not in (None, 0):
+            raise RunError(
+                f"WORLD_SIZE=1 but RANK={rank} / LOCAL_RANK={local_rank}: a group of one "
+                "process has rank 0"
+            )
+        return
+    if rank is None or local_rank is None:
+        raise RunError(
+            "WORLD_SIZE is set but RANK / LOCAL_RANK are not: start distributed runs with "
+            "torchrun (see docs/distributed.md)"
+        )
+    if not 0 <= rank < world_size:
+        raise RunError(f"RANK={rank} is not in [0, WORLD_SIZE={world_size})")
+    if not 0 <= local_rank < world_size:
+        raise RunError(f"LOCAL_RANK={local_rank} is not in [0, WORLD_SIZE={world_size})")
+    master = os.environ.get("MASTER_ADDR")
+    if not master:
+        raise RunError(
+            "MASTER_ADDR is not set: the processes cannot find each other (torchrun sets it; "
+            "see docs/distributed.md)"
+        )
+    port = os.environ.get("MASTER_PORT")
+    if port is None or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RunError(f"MASTER_PORT={port!r} is not a TCP port (1-65535)")
+
+
 def init_from_env(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join the process group ``torchrun`` describes in the environment.
 
@@ -72,17 +109,18 @@ def init_from_env(device: str = "auto", timeout_minutes: float = 30.0) -> DistIn
     processes use ``nccl`` and bind to ``cuda:LOCAL_RANK``; CPU processes use ``gloo``.
     """
     world_size = _env_int("WORLD_SIZE")
-    if world_size is None or world_size <= 1:
-        return DistInfo()
     rank = _env_int("RANK")
     local_rank = _env_int("LOCAL_RANK")
-    if rank is None or local_rank is None:
-        raise RunError(
-            "WORLD_SIZE is set but RANK / LOCAL_RANK are not: start distributed runs with "
-            "torchrun (see docs/distributed.md)"
-        )
+    check_environment(world_size, rank, local_rank)
+    if world_size is None or world_size == 1:
+        return DistInfo()
+    assert rank is not None and local_rank is not None
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
+        if not torch.cuda.is_available():
+            raise RunError(
+                "device = 'cuda' but this machine has no CUDA device; use 'auto' or 'cpu'"
+            )
         if local_rank >= torch.cuda.device_count():
             raise RunError(
                 f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} CUDA "

@@ -386,6 +386,13 @@ class RunSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to train; auto = CUDA when available."
     )
+    process_group_timeout: float = Field(
+        30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Under torchrun: minutes a collective waits for the other processes "
+        "before the run fails (a process that died or hangs stops the others then).",
+    )
     log_every: Count = Field(10, description="Steps between metrics lines and bar updates.")
     sample_every: Count = Field(500, description="Steps between sample grids from G-EMA.")
     checkpoint_every: Count = Field(500, description="Steps between checkpoints.")

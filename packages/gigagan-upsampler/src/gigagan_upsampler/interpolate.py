@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.specs import ComponentSpec
 
 
@@ -42,7 +43,7 @@ class InterpolationUpsampler(nn.Module):
 
     def forward(self, image: torch.Tensor, texts: object = None) -> torch.Tensor:
         if image.ndim != 4:
-            raise ValueError(f"expected a b c h w image batch, got shape {tuple(image.shape)}")
+            raise InputError(f"expected a b c h w image batch, got shape {tuple(image.shape)}")
         if not image.is_floating_point():
             raise TypeError(f"expected a float image in [-1, 1], got {image.dtype}")
         align = None if self.mode == "nearest" else False

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gigagan_core.errors import InputError
+
 __all__ = ["PixelNoise", "hash32"]
 
 _MASK32 = 0xFFFFFFFF
@@ -87,13 +89,13 @@ class PixelNoise:
         origins = origins.to(device=device, dtype=torch.int64)
         samples = samples.to(device=device, dtype=torch.int64)
         if origins.shape != (batch, 2) or samples.shape != (batch,):
-            raise ValueError(
+            raise InputError(
                 f"PixelNoise has origins {tuple(origins.shape)} and samples "
                 f"{tuple(samples.shape)} for a batch of {batch}; expected ({batch}, 2), ({batch},)"
             )
         scaled = origins * num
         if bool((scaled % den != 0).any()):
-            raise ValueError(
+            raise InputError(
                 f"tile origins {origins.tolist()} do not fall on the pixel grid of a map at "
                 f"{num}/{den} of the input resolution; align tiles to the downsampling factor"
             )

@@ -86,10 +86,10 @@ def from_pil(image: Image.Image, channels: int = 3) -> Tensor:
     (``F``) as ``[0, 1]``, at full precision; values outside those ranges are an error.
     """
     if channels not in (1, 3):
-        raise ValueError(f"from_pil makes 1- or 3-channel tensors, not {channels}")
+        raise InputError(f"from_pil makes 1- or 3-channel tensors, not {channels}")
     w, h = image.size
     if w == 0 or h == 0:
-        raise ValueError(f"the PIL image is empty ({w}x{h})")
+        raise InputError(f"the PIL image is empty ({w}x{h})")
     if image.mode in (*_SIXTEEN_BIT_MODES, "I", "F"):
         if image.mode == "F":
             data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.float32).double()
@@ -99,7 +99,7 @@ def from_pil(image: Image.Image, channels: int = 3) -> Tensor:
             data = torch.frombuffer(bytearray(data.tobytes()), dtype=torch.int32).double()
             low, high, name = 0.0, 65535.0, f"16-bit greyscale (mode {image.mode})"
         if not bool(torch.isfinite(data).all()) or data.min() < low or data.max() > high:
-            raise ValueError(
+            raise InputError(
                 f"{name} images are read as [{low:g}, {high:g}]; this one holds values in "
                 f"[{data.min().item():g}, {data.max().item():g}]"
             )
@@ -125,7 +125,7 @@ def to_pil(image: Tensor, alpha: Image.Image | None = None) -> Image.Image:
     alpha channel, giving ``RGBA`` (or ``LA``).
     """
     if image.ndim != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"to_pil takes a '3 h w' or '1 h w' tensor, got {tuple(image.shape)}")
+        raise InputError(f"to_pil takes a '3 h w' or '1 h w' tensor, got {tuple(image.shape)}")
     data = ((image.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
     data = data.permute(1, 2, 0).contiguous()
     h, w, c = data.shape
@@ -148,11 +148,11 @@ def _as_batch(
         return from_pil(image, channels)[None], "pil", [_alpha(image)]
     if isinstance(image, Sequence) and not isinstance(image, str | bytes):
         if len(image) == 0:
-            raise ValueError("got an empty list of images")
+            raise InputError("got an empty list of images")
         if all(isinstance(im, Image.Image) for im in image):
             sizes = {im.size for im in image}
             if len(sizes) != 1:
-                raise ValueError(f"PIL images in one call must share a size, got {sorted(sizes)}")
+                raise InputError(f"PIL images in one call must share a size, got {sorted(sizes)}")
             x = torch.stack([from_pil(im, channels) for im in image])
             return x, "pils", [_alpha(im) for im in image]
         kinds = sorted({type(im).__name__ for im in image})
@@ -163,9 +163,9 @@ def _as_batch(
             f"{type(image).__name__}"
         )
     if image.ndim not in (3, 4):
-        raise ValueError(f"image tensor must be 'c h w' or 'b c h w', got {tuple(image.shape)}")
+        raise InputError(f"image tensor must be 'c h w' or 'b c h w', got {tuple(image.shape)}")
     if image.numel() == 0:
-        raise ValueError(f"the image tensor is empty: shape {tuple(image.shape)}")
+        raise InputError(f"the image tensor is empty: shape {tuple(image.shape)}")
     layout = "chw" if image.ndim == 3 else "bchw"
     x = image[None] if image.ndim == 3 else image
     if x.dtype == torch.uint8:
@@ -174,7 +174,7 @@ def _as_batch(
         raise TypeError(f"image tensor must be float in [-1, 1] or uint8, got {x.dtype}")
     elif not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"the image holds {bad} NaN or infinite values")
+        raise InputError(f"the image holds {bad} NaN or infinite values")
     else:
         _check_float_range(x)
     return x, layout, None
@@ -255,7 +255,7 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
         return [0]
     stride = tile - overlap
     if stride <= 0:
-        raise ValueError(f"overlap={overlap} must be smaller than tile={tile}")
+        raise InputError(f"overlap={overlap} must be smaller than tile={tile}")
     starts = list(range(0, length - tile, stride))
     starts.append(length - tile)
     return starts
@@ -366,16 +366,16 @@ def upsample(
     """
     _check_model(model)
     if output not in ("tensor", "pil"):
-        raise ValueError(f"output must be 'tensor' or 'pil', got {output!r}")
+        raise InputError(f"output must be 'tensor' or 'pil', got {output!r}")
     run_device = _run_device(device, model)
     if batch_tiles < 1:
-        raise ValueError(f"batch_tiles must be at least 1, got {batch_tiles}")
+        raise InputError(f"batch_tiles must be at least 1, got {batch_tiles}")
     spec = model.spec
     if tile is None and (overlap is not None or margin is not None):
-        raise ValueError("overlap and margin apply to tiled runs; pass tile as well")
+        raise InputError("overlap and margin apply to tiled runs; pass tile as well")
     x, layout, alphas = _as_batch(image, spec.image_channels)
     if x.shape[1] != spec.image_channels:
-        raise ValueError(
+        raise InputError(
             f"the model takes {spec.image_channels}-channel images, got {x.shape[1]} channels"
         )
     home = x.device
@@ -398,11 +398,11 @@ def upsample(
         texts = [texts] * b  # one caption for every image
     text = model.encode_text(texts, batch_size=b)
     if text is not None and len(text) != b:
-        raise ValueError(f"got {b} images but {len(text)} captions")
+        raise InputError(f"got {b} images but {len(text)} captions")
     w = model.map(z.to(run_device), text, psi=psi, update_w_avg=False)
 
     if tile is not None and tile < 1:
-        raise ValueError(f"tile must be positive, got {tile}")
+        raise InputError(f"tile must be positive, got {tile}")
     if tile is not None:
         tile = _round_up(tile, m)
     if tile is None or (tile >= max(ph, pw) and overlap is None and margin is None):
@@ -410,7 +410,7 @@ def upsample(
     else:
         if overlap is None:
             if tile < 2 * m:
-                raise ValueError(
+                raise InputError(
                     f"tile={tile} leaves no room for an overlap: tiles must be at least "
                     f"{2 * m} pixels (twice the U-Net's multiple {m}) to overlap"
                 )
@@ -424,11 +424,11 @@ def upsample(
             reach = math.ceil(radius) if radius is not None else None
             margin = reach if reach is not None and 2 * reach < overlap else overlap // 4
         if margin < 0 or 2 * margin >= overlap:
-            raise ValueError(
+            raise InputError(
                 f"need 0 <= 2 * margin < overlap, got margin={margin}, overlap={overlap}"
             )
         if overlap >= tile:
-            raise ValueError(f"overlap={overlap} must be smaller than tile={tile}")
+            raise InputError(f"overlap={overlap} must be smaller than tile={tile}")
         tile_h, tile_w = min(tile, ph), min(tile, pw)
 
     rows, row_windows, row_total = _axis_plan(ph, tile_h, overlap, margin, s)

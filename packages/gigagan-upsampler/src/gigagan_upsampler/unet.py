@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
 from gigagan_core.layers.equalized import EqualizedConv2d
 from gigagan_core.nets.conditioning import TextConditioning
@@ -106,7 +107,7 @@ class UNetLevel(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> UNetLevel:
         if (self.self_attention or self.cross_attention) and self.channels % self.attention_heads:
-            raise ValueError(
+            raise InputError(
                 f"channels={self.channels} is not divisible by "
                 f"attention_heads={self.attention_heads}"
             )
@@ -185,17 +186,17 @@ class UpsamplerSpec(StyledNetworkSpec):
     @model_validator(mode="after")
     def _check(self) -> UpsamplerSpec:
         if not _is_power_of_two(self.scale) or self.scale < 2:
-            raise ValueError(f"scale must be a power of two >= 2, got {self.scale}")
+            raise InputError(f"scale must be a power of two >= 2, got {self.scale}")
         if not self.down_levels:
-            raise ValueError("down_levels must name at least one level")
+            raise InputError("down_levels must name at least one level")
         if not _is_power_of_two(self.input_resolution) or self.input_resolution < self.multiple:
-            raise ValueError(
+            raise InputError(
                 f"input_resolution must be a power of two >= 2**len(down_levels) = "
                 f"{self.multiple}, got {self.input_resolution}"
             )
         expected = len(self.down_levels) + self.scale.bit_length() - 1
         if len(self.up_levels) != expected:
-            raise ValueError(
+            raise InputError(
                 f"up_levels must have len(down_levels) + log2(scale) = "
                 f"{len(self.down_levels)} + {self.scale.bit_length() - 1} = {expected} "
                 f"levels, got {len(self.up_levels)}"
@@ -211,12 +212,12 @@ class UpsamplerSpec(StyledNetworkSpec):
                 if level.cross_attention
             ]
             if crossing:
-                raise ValueError(
+                raise InputError(
                     f"cross_attention at {', '.join(crossing)} needs a text_encoder; set one "
                     "or turn cross_attention off for an unconditional upsampler"
                 )
         if self.text_dim % self.text_heads:
-            raise ValueError(
+            raise InputError(
                 f"text_dim={self.text_dim} is not divisible by text_heads={self.text_heads}"
             )
         return self
@@ -549,33 +550,33 @@ class GigaGANUpsampler(StyledNetwork):
         """``low_res: b c h w`` (and ``b`` captions) to the upsampled RGB pyramid."""
         spec = self.spec
         if low_res.ndim != 4 or low_res.shape[1] != spec.image_channels:
-            raise ValueError(
+            raise InputError(
                 f"low_res must be 'b c h w' with c={spec.image_channels}, got "
                 f"{tuple(low_res.shape)}"
             )
         b, _, height, width = low_res.shape
         m = spec.multiple
         if height % m or width % m:
-            raise ValueError(
+            raise InputError(
                 f"input sides must be multiples of {m} (2**len(down_levels)), got "
                 f"{height}x{width}; upsample() pads any size"
             )
         if noise_mode not in ("random", "none"):
-            raise ValueError(f"unknown noise_mode '{noise_mode}'; expected 'random' or 'none'")
+            raise InputError(f"unknown noise_mode '{noise_mode}'; expected 'random' or 'none'")
         text = self.encode_text(texts, batch_size=b)
         if text is not None and len(text) != b:
-            raise ValueError(f"got {b} images but {len(text)} captions")
+            raise InputError(f"got {b} images but {len(text)} captions")
 
         if w is None:
             if z is None:
                 z = randn(b, spec.z_dim, generator=noise_generator, device=low_res.device)
             if z.shape != (b, spec.z_dim):
-                raise ValueError(f"z must have shape ({b}, {spec.z_dim}), got {tuple(z.shape)}")
+                raise InputError(f"z must have shape ({b}, {spec.z_dim}), got {tuple(z.shape)}")
             w = self.map(z, text, psi=psi, update_w_avg=update_w_avg)
         elif z is not None:
-            raise ValueError("pass z or w, not both")
+            raise InputError("pass z or w, not both")
         if w.shape != (b, spec.w_dim):
-            raise ValueError(f"w must have shape ({b}, {spec.w_dim}), got {tuple(w.shape)}")
+            raise InputError(f"w must have shape ({b}, {spec.w_dim}), got {tuple(w.shape)}")
 
         x = low_res
         if augment and spec.noise_augmentation > 0:
@@ -584,7 +585,7 @@ class GigaGANUpsampler(StyledNetwork):
                     *low_res.shape, generator=noise_generator, device=low_res.device
                 )
             elif augmentation_noise.shape != low_res.shape:
-                raise ValueError(
+                raise InputError(
                     f"augmentation_noise must have the input's shape {tuple(low_res.shape)}, "
                     f"got {tuple(augmentation_noise.shape)}"
                 )

@@ -151,13 +151,13 @@ class AdaptiveConv2dSpec(ComponentSpec):
     @classmethod
     def _odd_kernel(cls, value: int) -> int:
         if value % 2 != 1:
-            raise ValueError("kernel_size must be odd so that 'same' padding is symmetric")
+            raise InputError("kernel_size must be odd so that 'same' padding is symmetric")
         return value
 
     @model_validator(mode="after")
     def _one_resampling(self) -> AdaptiveConv2dSpec:
         if self.up != 1 and self.down != 1:
-            raise ValueError("up and down cannot both be 2")
+            raise InputError("up and down cannot both be 2")
         return self
 
 
@@ -224,17 +224,17 @@ class AdaptiveConv2d(nn.Module):
             ("num_kernels", num_kernels),
         ):
             if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+                raise InputError(f"{name} must be at least 1, got {value}")
         if kernel_size < 1 or kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+            raise InputError(f"kernel_size must be a positive odd integer, got {kernel_size}")
         if up not in (1, 2) or down not in (1, 2):
-            raise ValueError(f"up and down must be 1 or 2, got up={up}, down={down}")
+            raise InputError(f"up and down must be 1 or 2, got up={up}, down={down}")
         if up == 2 and down == 2:
-            raise ValueError("up and down cannot both be 2")
+            raise InputError("up and down cannot both be 2")
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"unknown activation '{activation}'; expected one of {_ACTIVATIONS}")
+            raise InputError(f"unknown activation '{activation}'; expected one of {_ACTIVATIONS}")
         if conv_clamp is not None and conv_clamp <= 0:
-            raise ValueError(f"conv_clamp must be positive or None, got {conv_clamp}")
+            raise InputError(f"conv_clamp must be positive or None, got {conv_clamp}")
 
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -281,7 +281,7 @@ class AdaptiveConv2d(nn.Module):
 
     def _style_input(self, w: torch.Tensor) -> torch.Tensor:
         if w.ndim != 2 or w.shape[1] != self.w_dim:
-            raise ValueError(f"w must have shape (b, {self.w_dim}), got {tuple(w.shape)}")
+            raise InputError(f"w must have shape (b, {self.w_dim}), got {tuple(w.shape)}")
         return w.to(self._compute_dtype())
 
     def effective_weight(self) -> torch.Tensor:
@@ -376,7 +376,7 @@ class AdaptiveConv2d(nn.Module):
         """
         requested = self.fast_path if fast_path is None else fast_path
         if requested not in _FAST_PATHS:
-            raise ValueError(f"unknown fast_path '{requested}'; expected one of {_FAST_PATHS}")
+            raise InputError(f"unknown fast_path '{requested}'; expected one of {_FAST_PATHS}")
         if requested != "auto":
             return requested
         pixels = height * width * self.up * self.up // (self.down * self.down)
@@ -486,9 +486,9 @@ class AdaptiveConv2d(nn.Module):
         if w.shape[0] != x.shape[0]:
             raise InputError(f"x and w batch sizes differ: {x.shape[0]} vs {w.shape[0]}")
         if noise_mode not in ("random", "none"):
-            raise ValueError(f"unknown noise_mode '{noise_mode}'; expected 'random' or 'none'")
+            raise InputError(f"unknown noise_mode '{noise_mode}'; expected 'random' or 'none'")
         if noise is not None and self.noise_strength is None:
-            raise ValueError("a noise tensor was given to a layer built with noise=False")
+            raise InputError("a noise tensor was given to a layer built with noise=False")
 
         use_fused = self.fused if fused is None else fused
         if use_fused:

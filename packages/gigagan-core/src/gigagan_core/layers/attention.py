@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.layers.equalized import EqualizedLinear
 from gigagan_core.specs import ComponentSpec
 
@@ -122,21 +123,21 @@ def _to_tokens(x: Tensor, dim: int, name: str = "x") -> tuple[Tensor, tuple[int,
     """
     x = _check_floating(x, name)
     if x.ndim in (3, 4) and x.shape[0] == 0:
-        raise ValueError(f"{name} has an empty batch (shape {tuple(x.shape)})")
+        raise InputError(f"{name} has an empty batch (shape {tuple(x.shape)})")
     if x.ndim == 4 and x.shape[2] * x.shape[3] == 0:
-        raise ValueError(f"{name} has no pixels (shape {tuple(x.shape)})")
+        raise InputError(f"{name} has no pixels (shape {tuple(x.shape)})")
     if x.ndim == 3 and x.shape[1] == 0:
-        raise ValueError(f"{name} has no tokens (shape {tuple(x.shape)})")
+        raise InputError(f"{name} has no tokens (shape {tuple(x.shape)})")
     if x.ndim == 4:
         if x.shape[1] != dim:
-            raise ValueError(f"{name} has {x.shape[1]} channels (b c h w), expected {dim}")
+            raise InputError(f"{name} has {x.shape[1]} channels (b c h w), expected {dim}")
         b, c, h, w = x.shape
         return x.reshape(b, c, h * w).transpose(1, 2), (h, w)
     if x.ndim == 3:
         if x.shape[2] != dim:
-            raise ValueError(f"{name} has width {x.shape[2]} (b n d), expected {dim}")
+            raise InputError(f"{name} has width {x.shape[2]} (b n d), expected {dim}")
         return x, None
-    raise ValueError(f"{name} must be 'b c h w' or 'b n d', got shape {tuple(x.shape)}")
+    raise InputError(f"{name} must be 'b c h w' or 'b n d', got shape {tuple(x.shape)}")
 
 
 def _from_tokens(y: Tensor, spatial: tuple[int, ...] | None) -> Tensor:
@@ -154,7 +155,7 @@ def _check_mask(mask: Tensor | None, b: int, n: int, name: str) -> Tensor | None
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor (True = real token), got {mask.dtype}")
     if tuple(mask.shape) != (b, n):
-        raise ValueError(f"{name} must have shape (b, n) = ({b}, {n}), got {tuple(mask.shape)}")
+        raise InputError(f"{name} must have shape (b, n) = ({b}, {n}), got {tuple(mask.shape)}")
     return mask
 
 
@@ -378,17 +379,17 @@ def _attend_reference(
 
 def _resolve_dim_head(dim: int, heads: int, dim_head: int | None) -> int:
     if dim < 1:
-        raise ValueError(f"dim must be positive, got {dim}")
+        raise InputError(f"dim must be positive, got {dim}")
     if heads < 1:
-        raise ValueError(f"heads must be positive, got {heads}")
+        raise InputError(f"heads must be positive, got {heads}")
     if dim_head is None:
         if dim % heads != 0:
-            raise ValueError(
+            raise InputError(
                 f"dim={dim} is not divisible by heads={heads}; pass dim_head explicitly"
             )
         return dim // heads
     if dim_head < 1:
-        raise ValueError(f"dim_head must be positive, got {dim_head}")
+        raise InputError(f"dim_head must be positive, got {dim_head}")
     return dim_head
 
 
@@ -431,7 +432,7 @@ class L2SelfAttention(nn.Module):
     ) -> None:
         super().__init__()
         if variant not in ("gigagan", "lipschitz"):
-            raise ValueError(f"variant must be 'gigagan' or 'lipschitz', got {variant!r}")
+            raise InputError(f"variant must be 'gigagan' or 'lipschitz', got {variant!r}")
         self.dim = dim
         self.heads = heads
         self.dim_head = _resolve_dim_head(dim, heads, dim_head)
@@ -522,7 +523,7 @@ class L2CrossAttention(nn.Module):
     ) -> None:
         super().__init__()
         if context_dim < 1:
-            raise ValueError(f"context_dim must be positive, got {context_dim}")
+            raise InputError(f"context_dim must be positive, got {context_dim}")
         self.dim = dim
         self.context_dim = context_dim
         self.heads = heads
@@ -550,13 +551,13 @@ class L2CrossAttention(nn.Module):
         tokens, spatial = _to_tokens(x, self.dim)
         context = _check_floating(context, "context")
         if context.ndim != 3 or context.shape[2] != self.context_dim:
-            raise ValueError(
+            raise InputError(
                 f"context must be 'b m d' with d={self.context_dim}, got {tuple(context.shape)}"
             )
         if context.shape[0] != tokens.shape[0]:
-            raise ValueError(f"context batch {context.shape[0]} != x batch {tokens.shape[0]}")
+            raise InputError(f"context batch {context.shape[0]} != x batch {tokens.shape[0]}")
         if context.shape[1] == 0:
-            raise ValueError(f"context has no tokens (shape {tuple(context.shape)})")
+            raise InputError(f"context has no tokens (shape {tuple(context.shape)})")
         if context.dtype != tokens.dtype and not torch.is_autocast_enabled(tokens.device.type):
             raise TypeError(
                 f"context has dtype {context.dtype} but x has {tokens.dtype}; cast one to the "
@@ -690,7 +691,7 @@ class _AttentionSpecFields(ComponentSpec):
     def _heads_divide_dim(cls, value: int | None, info: ValidationInfo) -> int | None:
         dim, heads = info.data.get("dim"), info.data.get("heads")
         if value is None and dim is not None and heads is not None and dim % heads != 0:
-            raise ValueError(
+            raise InputError(
                 f"dim={dim} is not divisible by heads={heads}; set dim_head explicitly"
             )
         return value

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gigagan_core.errors import InputError
+
 __all__ = ["SQRT2", "EqualizedConv2d", "EqualizedLinear", "bias_act"]
 
 SQRT2 = math.sqrt(2.0)
@@ -43,7 +45,7 @@ def bias_act(
     elif activation == "linear":
         default_gain = 1.0
     else:
-        raise ValueError(f"unknown activation '{activation}'; expected 'linear' or 'lrelu'")
+        raise InputError(f"unknown activation '{activation}'; expected 'linear' or 'lrelu'")
     g = default_gain if gain is None else gain
     if g != 1.0:
         x = x * g

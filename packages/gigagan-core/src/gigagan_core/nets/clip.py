@@ -54,6 +54,7 @@ from pydantic import (
 )
 from torch import Tensor, nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.pretrained import PretrainedError, check_state_dict
 
 __all__ = [
@@ -98,15 +99,15 @@ def check_clip_config(config: Any, source: str) -> None:
     ``source`` names the config in the message (e.g. ``"model_config"``).
     """
     if not isinstance(config, Mapping):
-        raise ValueError(f"{source} must be a mapping, got {type(config).__name__}")
+        raise InputError(f"{source} must be a mapping, got {type(config).__name__}")
     missing = [key for key in ("embed_dim", "text_cfg") if key not in config]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{source} needs the keys 'embed_dim' and 'text_cfg' of an open_clip model config; "
             f"missing {', '.join(repr(k) for k in missing)}"
         )
     if not isinstance(config["text_cfg"], Mapping):
-        raise ValueError(
+        raise InputError(
             f"{source}: 'text_cfg' must be a mapping, got {type(config['text_cfg']).__name__}"
         )
 
@@ -127,7 +128,7 @@ def resolve_clip_config(model_name: str, model_config: Mapping[str, Any] | None)
         check_clip_config(model_config, "model_config")
         return copy.deepcopy(dict(model_config))
     if model_name.startswith("hf-hub:"):
-        raise ValueError(
+        raise InputError(
             f"model_name '{model_name}' names a Hugging Face Hub config, which would be "
             "downloaded; pass its model_config (the 'model_cfg' of its open_clip_config.json) "
             "and a local weights file instead"
@@ -139,7 +140,7 @@ def resolve_clip_config(model_name: str, model_config: Mapping[str, Any] | None)
         names = open_clip.list_models()
         close = difflib.get_close_matches(model_name, names, n=5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise InputError(
             f"unknown open_clip model '{model_name}'{hint} ({len(names)} bundled configs, "
             f"e.g. {', '.join(names[:3])}, ..., ViT-B-32, ViT-L-14, ViT-H-14; see "
             "open_clip.list_models()) or give a model_config"
@@ -166,7 +167,7 @@ def build_clip_towers(
     check_clip_config(config, "config")
     unknown = [name for name in towers if name not in TOWERS]
     if unknown or not towers:
-        raise ValueError(f"towers must be a non-empty subset of {TOWERS}, got {towers}")
+        raise InputError(f"towers must be a non-empty subset of {TOWERS}, got {towers}")
 
     from open_clip.model import _build_text_tower, _build_vision_tower
 
@@ -177,7 +178,7 @@ def build_clip_towers(
         if name == "text":
             text_cfg = dict(config["text_cfg"])
             if text_cfg.get("hf_model_name"):
-                raise ValueError(
+                raise InputError(
                     f"text_cfg names the Hugging Face text model '{text_cfg['hf_model_name']}'; "
                     "such towers are built by downloading it and are not supported (no network)"
                 )
@@ -186,14 +187,14 @@ def build_clip_towers(
                     embed_dim, text_cfg, quick_gelu=quick_gelu, cast_dtype=None
                 )
             except TypeError as err:
-                raise ValueError(f"invalid open_clip text_cfg: {err}") from err
+                raise InputError(f"invalid open_clip text_cfg: {err}") from err
         else:
             vision_cfg = config.get("vision_cfg")
             if not isinstance(vision_cfg, Mapping):
-                raise ValueError("building the 'visual' tower needs a 'vision_cfg' mapping")
+                raise InputError("building the 'visual' tower needs a 'vision_cfg' mapping")
             vision_cfg = dict(vision_cfg)
             if vision_cfg.get("timm_model_name") and vision_cfg.get("timm_model_pretrained"):
-                raise ValueError(
+                raise InputError(
                     "vision_cfg asks for pretrained timm weights, which would be downloaded; "
                     "set timm_model_pretrained to false and load a local weights file"
                 )
@@ -202,7 +203,7 @@ def build_clip_towers(
                     embed_dim, vision_cfg, quick_gelu=quick_gelu, cast_dtype=None
                 )
             except TypeError as err:
-                raise ValueError(f"invalid open_clip vision_cfg: {err}") from err
+                raise InputError(f"invalid open_clip vision_cfg: {err}") from err
     return built
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.layers.attention import L2SelfAttention
 from gigagan_core.layers.equalized import EqualizedLinear
 from gigagan_core.nets.text_features import TextFeatures
@@ -78,9 +79,9 @@ def split_global_local(tokens: Tensor, mask: Tensor, eot_index: Tensor) -> TextC
     """
     b, n, _ = tokens.shape
     if n < 2:
-        raise ValueError(f"need at least 2 token positions to split off the EOT token, got {n}")
+        raise InputError(f"need at least 2 token positions to split off the EOT token, got {n}")
     if eot_index.min() < 0 or eot_index.max() >= n:
-        raise ValueError(f"eot_index must lie in [0, {n}), got {eot_index.tolist()}")
+        raise InputError(f"eot_index must lie in [0, {n}), got {eot_index.tolist()}")
     rows = torch.arange(b, device=tokens.device)
     t_global = tokens[rows, eot_index]
     positions = torch.arange(n - 1, device=tokens.device).expand(b, n - 1)
@@ -124,9 +125,9 @@ class TextTransformer(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 0:
-            raise ValueError(f"depth must be non-negative, got {depth}")
+            raise InputError(f"depth must be non-negative, got {depth}")
         if dim % heads != 0:
-            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+            raise InputError(f"dim={dim} is not divisible by heads={heads}")
         self.in_dim = in_dim
         self.dim = dim
         self.depth = depth
@@ -136,7 +137,7 @@ class TextTransformer(nn.Module):
 
     def forward(self, features: TextFeatures) -> TextConditioning:
         if features.width != self.in_dim:
-            raise ValueError(
+            raise InputError(
                 f"text features are {features.width} wide but this transformer expects "
                 f"{self.in_dim}; does the text encoder match the spec?"
             )
@@ -164,7 +165,7 @@ def build_text_path(
     is an unconditional network: ``(None, None)``. ``owner`` names the network in errors.
     """
     if encoder_spec is None and text_encoder is not None:
-        raise ValueError(
+        raise InputError(
             f"the spec describes an unconditional {owner} (text_encoder is null); "
             "got a text_encoder"
         )
@@ -174,7 +175,7 @@ def build_text_path(
     if encoder_spec is not None and shared_spec is not None and shared_spec != encoder_spec:
         # A checkpoint records encoder_spec; sharing a different encoder would make the saved
         # model reload into something else.
-        raise ValueError(
+        raise InputError(
             f"the shared text_encoder does not match this {owner}'s spec: it is "
             f"{shared_spec!r}, the spec names {encoder_spec!r}"
         )

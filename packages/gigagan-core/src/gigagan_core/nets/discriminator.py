@@ -168,51 +168,51 @@ class MultiScaleDiscriminatorSpec(ComponentSpec):
     @classmethod
     def _check_resolution(cls, value: int) -> int:
         if not _is_power_of_two(value) or value < 8:
-            raise ValueError(f"resolution must be a power of two >= 8, got {value}")
+            raise InputError(f"resolution must be a power of two >= 8, got {value}")
         return value
 
     @field_validator("min_resolution")
     @classmethod
     def _check_min_resolution(cls, value: int) -> int:
         if not _is_power_of_two(value) or value < 2:
-            raise ValueError(f"min_resolution must be a power of two >= 2, got {value}")
+            raise InputError(f"min_resolution must be a power of two >= 2, got {value}")
         return value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> MultiScaleDiscriminatorSpec:
         if self.min_resolution > self.resolution:
-            raise ValueError(
+            raise InputError(
                 f"min_resolution={self.min_resolution} is above resolution={self.resolution}"
             )
         if self.channel_base < self.resolution:
-            raise ValueError(
+            raise InputError(
                 f"channel_base={self.channel_base} gives no channels at resolution "
                 f"{self.resolution}; it must be at least the resolution"
             )
         levels = self.resolutions
         stray = [r for r in self.attention_resolutions if r not in levels]
         if stray:
-            raise ValueError(
+            raise InputError(
                 f"attention_resolutions {stray} are not pyramid levels; the levels are "
                 f"{list(levels)}"
             )
         for r in self.attention_resolutions:
             if self.channels(r) % self.attention_heads:
-                raise ValueError(
+                raise InputError(
                     f"attention_heads={self.attention_heads} does not divide the "
                     f"{self.channels(r)} channels of the attention stage at resolution {r}"
                 )
         if self.text_dim % self.text_heads:
-            raise ValueError(
+            raise InputError(
                 f"text_dim={self.text_dim} is not divisible by text_heads={self.text_heads}"
             )
         if self.input_levels is not None and self.input_levels > len(levels):
-            raise ValueError(
+            raise InputError(
                 f"input_levels={self.input_levels} is more than the {len(levels)} pyramid "
                 f"levels {list(levels)}"
             )
         if self.mbstd_enabled and self.channels(self.min_resolution) % self.mbstd_channels:
-            raise ValueError(
+            raise InputError(
                 f"mbstd_channels={self.mbstd_channels} does not divide the "
                 f"{self.channels(self.min_resolution)} channels at min_resolution"
             )
@@ -286,9 +286,9 @@ def minibatch_std(x: Tensor, group_size: int, num_channels: int = 1, paths: int 
     """
     pb, c, h, w = x.shape
     if paths < 1 or pb % paths:
-        raise ValueError(f"batch {pb} does not split into {paths} paths")
+        raise InputError(f"batch {pb} does not split into {paths} paths")
     if num_channels < 1 or c % num_channels:
-        raise ValueError(f"num_channels={num_channels} does not divide the {c} channels")
+        raise InputError(f"num_channels={num_channels} does not divide the {c} channels")
     b = pb // paths
     g = group_size if group_size >= 1 and b % group_size == 0 else b
     m = b // g
@@ -663,13 +663,13 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
         """
         if not self.conditional:
             if texts is not None:
-                raise ValueError("this discriminator is unconditional; it takes no texts")
+                raise InputError("this discriminator is unconditional; it takes no texts")
             if batch_size is None:
-                raise ValueError("pass batch_size to expand the unconditional t_D")
+                raise InputError("pass batch_size to expand the unconditional t_D")
             assert self.text_constant is not None
             return self.text_constant[None].expand(batch_size, -1)
         if texts is None:
-            raise ValueError(
+            raise InputError(
                 "this discriminator is text-conditional; pass texts (captions or "
                 "TextFeatures) or text_embedding"
             )
@@ -681,7 +681,7 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
         features = texts if isinstance(texts, TextFeatures) else self.text_encoder(list(texts))
         t = self.text_transformer(features.to(self._device())).t_global
         if batch_size is not None and t.shape[0] != batch_size:
-            raise ValueError(f"got {t.shape[0]} texts for a batch of {batch_size} images")
+            raise InputError(f"got {t.shape[0]} texts for a batch of {batch_size} images")
         return t
 
     # ---- images ---------------------------------------------------------------------------
@@ -727,13 +727,13 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
         pyramid = self._as_pyramid(images)
         b = pyramid[0].shape[0]
         if not isinstance(stacked, int) or stacked < 1 or b % stacked:
-            raise ValueError(f"stacked must be a positive divisor of the batch {b}, got {stacked}")
+            raise InputError(f"stacked must be a positive divisor of the batch {b}, got {stacked}")
         if text_embedding is not None:
             if texts is not None:
-                raise ValueError("pass texts or text_embedding, not both")
+                raise InputError("pass texts or text_embedding, not both")
             check_tensor(text_embedding, "text_embedding", shape="b text_dim", ndim=2)
             if text_embedding.shape != (b, self.spec.text_dim):
-                raise ValueError(
+                raise InputError(
                     f"text_embedding must have shape (b, text_dim) = ({b}, "
                     f"{self.spec.text_dim}), got {tuple(text_embedding.shape)}"
                 )

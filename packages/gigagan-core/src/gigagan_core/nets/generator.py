@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from gigagan_core.errors import InputError
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
 from gigagan_core.layers.checks import check_tensor
 from gigagan_core.layers.equalized import EqualizedLinear
@@ -76,9 +77,9 @@ class SynthesisLevel(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> SynthesisLevel:
         if self.resolution < 4 or self.resolution & (self.resolution - 1):
-            raise ValueError(f"resolution must be a power of two >= 4, got {self.resolution}")
+            raise InputError(f"resolution must be a power of two >= 4, got {self.resolution}")
         if (self.self_attention or self.cross_attention) and self.channels % self.attention_heads:
-            raise ValueError(
+            raise InputError(
                 f"channels={self.channels} at resolution {self.resolution} is not divisible "
                 f"by attention_heads={self.attention_heads}"
             )
@@ -121,17 +122,17 @@ class GeneratorSpec(StyledNetworkSpec):
     @model_validator(mode="after")
     def _check_levels(self) -> GeneratorSpec:
         if not self.levels:
-            raise ValueError("levels must name at least one synthesis level")
+            raise InputError("levels must name at least one synthesis level")
         for prev, level in zip(self.levels[:-1], self.levels[1:], strict=True):
             if level.resolution != 2 * prev.resolution:
-                raise ValueError(
+                raise InputError(
                     f"levels must double in resolution: {prev.resolution} is followed by "
                     f"{level.resolution}"
                 )
         if self.text_encoder is None:
             crossing = [lv.resolution for lv in self.levels if lv.cross_attention]
             if crossing:
-                raise ValueError(
+                raise InputError(
                     f"cross_attention at resolutions {crossing} needs a text_encoder; set one "
                     "or turn cross_attention off for an unconditional generator"
                 )
@@ -273,7 +274,7 @@ class SynthesisNetwork(nn.Module):
     ) -> list[Tensor]:
         """``ws: b num_ws w_dim`` to the RGB pyramid, highest resolution first."""
         if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
-            raise ValueError(
+            raise InputError(
                 f"ws must have shape (b, {self.num_ws}, {self.w_dim}), got {tuple(ws.shape)}"
             )
         b = ws.shape[0]
@@ -370,11 +371,11 @@ class Generator(StyledNetwork):
         ``synthesis.layer_names`` for which layer each row feeds.
         """
         if not 0 <= layer <= self.num_ws:
-            raise ValueError(f"layer must lie in [0, {self.num_ws}], got {layer}")
+            raise InputError(f"layer must lie in [0, {self.num_ws}], got {layer}")
         ws_coarse, ws_fine = self.broadcast(w_coarse), self.broadcast(w_fine)
         sizes = {ws_coarse.shape[0], ws_fine.shape[0]}
         if len(sizes - {1}) > 1:
-            raise ValueError(
+            raise InputError(
                 f"w_coarse has {ws_coarse.shape[0]} rows and w_fine {ws_fine.shape[0]}; give "
                 "both the same batch size (or one of them a batch of 1)"
             )
@@ -392,12 +393,12 @@ class Generator(StyledNetwork):
         ``steps num_ws d``). Use slerp for Gaussian ``z`` and lerp for ``w``.
         """
         if steps < 2:
-            raise ValueError(f"steps must be at least 2, got {steps}")
+            raise InputError(f"steps must be at least 2, got {steps}")
         if method not in ("slerp", "lerp"):
-            raise ValueError(f"method must be 'slerp' or 'lerp', got {method!r}")
+            raise InputError(f"method must be 'slerp' or 'lerp', got {method!r}")
         shape = a.shape[1:] if a.ndim > 1 and a.shape[0] == 1 else a.shape
         if b.numel() != a.numel():
-            raise ValueError(
+            raise InputError(
                 f"interpolate needs two latents of one shape, got {tuple(a.shape)} and "
                 f"{tuple(b.shape)}"
             )
@@ -422,7 +423,7 @@ class Generator(StyledNetwork):
         """Render styles ``ws`` (``b w_dim`` or ``b num_ws w_dim``) with ``text``."""
         ws = self.broadcast(ws)
         if self.conditional and text is None:
-            raise ValueError("this generator is text-conditional; pass its TextConditioning")
+            raise InputError("this generator is text-conditional; pass its TextConditioning")
         pyramid = self.synthesis(ws, text, noise_mode=noise_mode, noise_generator=noise_generator)
         return GeneratorOutput(pyramid=pyramid, ws=ws)
 
@@ -440,7 +441,7 @@ class Generator(StyledNetwork):
         check_tensor(z, "z", shape=f"b {self.z_dim}", ndim=2, sizes={1: self.z_dim})
         text = self.encode_text(texts, batch_size=z.shape[0])
         if text is not None and len(text) != z.shape[0]:
-            raise ValueError(f"got {z.shape[0]} latents but {len(text)} captions")
+            raise InputError(f"got {z.shape[0]} latents but {len(text)} captions")
         w = self.map(z, text, psi=psi, update_w_avg=update_w_avg)
         return self.synthesize(w, text, noise_mode=noise_mode, noise_generator=noise_generator)
 
@@ -461,11 +462,15 @@ class Generator(StyledNetwork):
         if isinstance(texts, str):
             texts = [texts]
         if texts is not None:
+            if len(texts) == 0:
+                raise InputError("texts is an empty list of captions: give at least one")
             num = len(texts) if num is None else num
             if num != len(texts):
-                raise ValueError(f"num={num} but {len(texts)} captions were given")
+                raise InputError(f"num={num} but {len(texts)} captions were given")
         elif num is None:
-            raise ValueError("pass captions or num")
+            raise InputError("pass captions or num")
+        if num < 1:
+            raise InputError(f"num must be at least 1, got {num}")
         generator = torch.Generator(self._device()).manual_seed(seed)
         z = self.sample_z(num, generator=generator)
         return self(
@@ -493,9 +498,9 @@ class Generator(StyledNetwork):
         ``z``: one latent (``z_dim`` or ``1 z_dim``) shared by every image.
         """
         if not self.conditional:
-            raise ValueError("prompt mixing needs a text-conditional generator")
+            raise InputError("prompt mixing needs a text-conditional generator")
         if z.numel() != self.z_dim:
-            raise ValueError(
+            raise InputError(
                 f"mix_prompts takes one latent of {self.z_dim} values, got shape {tuple(z.shape)}"
             )
         weights = torch.as_tensor(weights, dtype=torch.float32, device=self._device())
@@ -504,7 +509,7 @@ class Generator(StyledNetwork):
         cond_b = self.encode_text([text_b] if isinstance(text_b, str) else list(text_b))
         assert cond_a is not None and cond_b is not None
         if len(cond_a) != 1 or len(cond_b) != 1:
-            raise ValueError("mix_prompts takes one caption on each side")
+            raise InputError("mix_prompts takes one caption on each side")
         mixed = TextConditioning.lerp(
             cond_a.index([0] * k), cond_b.index([0] * k), weights.reshape(k)
         )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 from torch import Tensor, nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.layers.equalized import EqualizedLinear
 
 __all__ = ["MappingNetwork", "normalize_2nd_moment", "truncate"]
@@ -24,13 +26,17 @@ def truncate(w: Tensor, w_avg: Tensor, psi: float | Tensor) -> Tensor:
     (``b``).
     """
     if isinstance(psi, (int, float)):
+        if not math.isfinite(psi):
+            raise InputError(f"psi (the truncation) must be a finite number, got {psi}")
         if psi == 1:
             return w
     else:
         psi = torch.as_tensor(psi, dtype=w.dtype, device=w.device)
+        if not bool(torch.isfinite(psi).all()):
+            raise InputError("psi (the truncation) holds NaN or infinite values")
         if psi.ndim == 1:
             if psi.shape[0] != w.shape[0]:
-                raise ValueError(f"psi has {psi.shape[0]} values for a batch of {w.shape[0]}")
+                raise InputError(f"psi has {psi.shape[0]} values for a batch of {w.shape[0]}")
             psi = psi.reshape(-1, *([1] * (w.ndim - 1)))
     return torch.lerp(w_avg.to(w.dtype), w, psi)
 
@@ -61,11 +67,11 @@ class MappingNetwork(nn.Module):
     ) -> None:
         super().__init__()
         if z_dim < 1 or w_dim < 1 or c_dim < 0:
-            raise ValueError(
+            raise InputError(
                 f"need z_dim >= 1, w_dim >= 1, c_dim >= 0; got {z_dim}, {w_dim}, {c_dim}"
             )
         if num_layers < 1:
-            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+            raise InputError(f"num_layers must be at least 1, got {num_layers}")
         self.z_dim, self.c_dim, self.w_dim = z_dim, c_dim, w_dim
         self.num_layers = num_layers
         self.w_avg_beta = w_avg_beta
@@ -87,19 +93,19 @@ class MappingNetwork(nn.Module):
         update_w_avg: bool = False,
     ) -> Tensor:
         if z.ndim != 2 or z.shape[1] != self.z_dim:
-            raise ValueError(f"z must have shape (b, {self.z_dim}), got {tuple(z.shape)}")
+            raise InputError(f"z must have shape (b, {self.z_dim}), got {tuple(z.shape)}")
         # The network computes in its own precision, whatever z was drawn in.
         x = normalize_2nd_moment(z.to(self.w_avg.dtype))
         if self.embed is not None:
             if c is None:
-                raise ValueError("this mapping network is text-conditional; pass t_global")
+                raise InputError("this mapping network is text-conditional; pass t_global")
             if c.shape != (z.shape[0], self.c_dim):
-                raise ValueError(
+                raise InputError(
                     f"t_global must have shape ({z.shape[0]}, {self.c_dim}), got {tuple(c.shape)}"
                 )
             x = torch.cat([x, normalize_2nd_moment(self.embed(c.to(x.dtype)))], dim=1)
         elif c is not None:
-            raise ValueError("this mapping network is unconditional; got a text input")
+            raise InputError("this mapping network is unconditional; got a text input")
         for layer in self.layers:
             x = layer(x)
         if update_w_avg:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
+from gigagan_core.errors import InputError
+
 __all__ = ["build_pyramid", "check_pyramid"]
 
 
@@ -18,13 +20,13 @@ def build_pyramid(image: Tensor, levels: int) -> list[Tensor]:
     box-filtered lower-resolution photo would look.
     """
     if image.ndim != 4:
-        raise ValueError(f"image must be 'b c h w', got shape {tuple(image.shape)}")
+        raise InputError(f"image must be 'b c h w', got shape {tuple(image.shape)}")
     if levels < 1:
-        raise ValueError(f"levels must be at least 1, got {levels}")
+        raise InputError(f"levels must be at least 1, got {levels}")
     factor = 2 ** (levels - 1)
     h, w = image.shape[2:]
     if h % factor or w % factor:
-        raise ValueError(f"a {levels}-level pyramid needs sides divisible by {factor}, got {h}x{w}")
+        raise InputError(f"a {levels}-level pyramid needs sides divisible by {factor}, got {h}x{w}")
     pyramid = [image]
     for _ in range(levels - 1):
         pyramid.append(F.avg_pool2d(pyramid[-1], 2))
@@ -36,14 +38,14 @@ def check_pyramid(
 ) -> None:
     """Raise a ``ValueError`` naming the level if ``pyramid`` does not match ``resolutions``."""
     if len(pyramid) != len(resolutions):
-        raise ValueError(
+        raise InputError(
             f"{name}: expected {len(resolutions)} pyramid levels at resolutions "
             f"{list(resolutions)}, got {len(pyramid)}"
         )
     batch = pyramid[0].shape[0] if pyramid[0].ndim == 4 else None
     for i, (x, r) in enumerate(zip(pyramid, resolutions, strict=True)):
         if x.ndim != 4 or x.shape[1:] != (channels, r, r) or x.shape[0] != batch:
-            raise ValueError(
+            raise InputError(
                 f"{name}[{i}]: expected shape (b={batch}, {channels}, {r}, {r}), "
                 f"got {tuple(x.shape)}"
             )

@@ -16,6 +16,7 @@ from einops import rearrange
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.frozen import trainable_parameters
 from gigagan_core.layers.attention import L2CrossAttention, L2SelfAttention
 from gigagan_core.layers.checks import check_captions
@@ -88,7 +89,7 @@ class StyledNetworkSpec(ComponentSpec):
     @model_validator(mode="after")
     def _check_text_heads(self) -> StyledNetworkSpec:
         if self.text_encoder is not None and self.text_dim % self.text_heads:
-            raise ValueError(
+            raise InputError(
                 f"text_dim={self.text_dim} is not divisible by text_heads={self.text_heads}"
             )
         return self
@@ -141,7 +142,7 @@ class StyledAttention(nn.Module):
             x = rearrange(tokens, "b (h w) c -> b c h w", h=h, w=wd)
         if self.cross is not None:
             if text is None:
-                raise ValueError("this block cross-attends to text; no text conditioning given")
+                raise InputError("this block cross-attends to text; no text conditioning given")
             x = self.cross(x, text.t_local.to(x.dtype), text.local_mask)
         return x
 
@@ -214,12 +215,12 @@ class StyledNetwork(PretrainedMixin, nn.Module):
             check_captions(texts, "texts")
         if not self.conditional:
             if texts is not None:
-                raise ValueError(f"this {self.network_name} is unconditional; it takes no text")
+                raise InputError(f"this {self.network_name} is unconditional; it takes no text")
             return None
         assert self.text_encoder is not None and self.text_transformer is not None
         if texts is None:
             if batch_size is None:
-                raise ValueError("pass batch_size to encode the empty caption")
+                raise InputError("pass batch_size to encode the empty caption")
             texts = [""] * batch_size
         elif isinstance(texts, str):
             texts = [texts]

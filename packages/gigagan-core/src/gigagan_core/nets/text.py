@@ -39,6 +39,7 @@ from pydantic import (
 )
 from torch import Tensor, nn
 
+from gigagan_core.errors import InputError
 from gigagan_core.frozen import freeze
 from gigagan_core.nets.clip import (
     OpenCLIPConfigFields,
@@ -161,11 +162,11 @@ class CLIPTextEncoder(PretrainedMixin, nn.Module):
         self.text = build_clip_towers(config, ("text",))["text"]
         tower = self.text
         if getattr(tower, "cls_emb", None) is not None:
-            raise ValueError(
+            raise InputError(
                 "text towers with an appended class token (embed_cls, CoCa) are not supported"
             )
         if tower.pool_type not in ("argmax", "eos", "first", "last"):
-            raise ValueError(f"text_cfg pool_type '{tower.pool_type}' gives no pooled vector")
+            raise InputError(f"text_cfg pool_type '{tower.pool_type}' gives no pooled vector")
 
         self.model_name = model_name
         self.layer: Layer = layer
@@ -181,7 +182,7 @@ class CLIPTextEncoder(PretrainedMixin, nn.Module):
             self.embed_dim = projection.shape[1]
         max_length: int = tower.num_pos
         if context_length is not None and context_length > max_length:
-            raise ValueError(
+            raise InputError(
                 f"context_length {context_length} exceeds the model's {max_length} positions"
             )
         self.context_length: int = context_length or max_length
@@ -231,7 +232,7 @@ class CLIPTextEncoder(PretrainedMixin, nn.Module):
         """open_clip's tokenizer for this model (built on first use, from local files only)."""
         if self._tokenizer is None:
             if self._text_cfg.get("hf_tokenizer_name") or "siglip" in self.model_name.lower():
-                raise ValueError(
+                raise InputError(
                     f"'{self.model_name}' uses a Hugging Face tokenizer, which would be "
                     "downloaded; pass token ids (b n) to the encoder instead of strings"
                 )
@@ -265,13 +266,13 @@ class CLIPTextEncoder(PretrainedMixin, nn.Module):
         if texts.is_floating_point() or texts.is_complex() or texts.dtype == torch.bool:
             raise TypeError(f"token ids must be an integer tensor, got {texts.dtype}")
         if texts.ndim != 2:
-            raise ValueError(f"token ids must have shape (b, n), got {tuple(texts.shape)}")
+            raise InputError(f"token ids must have shape (b, n), got {tuple(texts.shape)}")
         if texts.shape[1] > self.text.num_pos:
-            raise ValueError(
+            raise InputError(
                 f"token ids have {texts.shape[1]} positions, the model has {self.text.num_pos}"
             )
         if texts.numel() and (int(texts.min()) < 0 or int(texts.max()) >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+            raise InputError(f"token ids must lie in [0, {self.vocab_size})")
         return texts.to(device=self.device, dtype=torch.long)
 
     def _eot_index(self, ids: Tensor) -> Tensor:

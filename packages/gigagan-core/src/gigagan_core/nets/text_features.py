@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from gigagan_core.errors import InputError
+
 __all__ = ["TextFeatures"]
 
 
@@ -40,19 +42,19 @@ class TextFeatures:
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 3:
-            raise ValueError(f"tokens must be 'b n d', got shape {tuple(self.tokens.shape)}")
+            raise InputError(f"tokens must be 'b n d', got shape {tuple(self.tokens.shape)}")
         b, n, _ = self.tokens.shape
         if self.mask.shape != (b, n) or self.mask.dtype != torch.bool:
-            raise ValueError(
+            raise InputError(
                 f"mask must be a bool tensor of shape {(b, n)}, got {self.mask.dtype} "
                 f"{tuple(self.mask.shape)}"
             )
         if self.eot_index.shape != (b,):
-            raise ValueError(f"eot_index must have shape {(b,)}, got {tuple(self.eot_index.shape)}")
+            raise InputError(f"eot_index must have shape {(b,)}, got {tuple(self.eot_index.shape)}")
         if self.pooled is not None and (self.pooled.ndim != 2 or self.pooled.shape[0] != b):
-            raise ValueError(f"pooled must be 'b e' with b={b}, got {tuple(self.pooled.shape)}")
+            raise InputError(f"pooled must be 'b e' with b={b}, got {tuple(self.pooled.shape)}")
         if self.token_ids is not None and self.token_ids.shape != (b, n):
-            raise ValueError(
+            raise InputError(
                 f"token_ids must have shape {(b, n)}, got {tuple(self.token_ids.shape)}"
             )
 
@@ -100,7 +102,7 @@ class TextFeatures:
     def cat(items: list[TextFeatures]) -> TextFeatures:
         """Concatenate along the batch axis (all items need the same ``n`` and ``d``)."""
         if not items:
-            raise ValueError("cannot concatenate an empty list of TextFeatures")
+            raise InputError("cannot concatenate an empty list of TextFeatures")
         first = items[0]
         values = {}
         for f in fields(first):

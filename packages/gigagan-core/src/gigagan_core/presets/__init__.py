@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gigagan_core.errors import InputError
 from gigagan_core.specs import AnyDiscriminator, AnyGenerator, load_spec
 
 __all__ = ["ModelPreset", "load_preset", "preset_names", "preset_path"]
@@ -31,7 +32,7 @@ class ModelPreset(BaseModel):
         g = getattr(self.generator, "resolutions", None)
         d = getattr(self.discriminator, "resolutions", None)
         if g is not None and d is not None and tuple(g) != tuple(d):
-            raise ValueError(
+            raise InputError(
                 f"the discriminator reads pyramid levels {list(d)} but the generator makes "
                 f"{list(g)}; match discriminator.resolution / min_resolution to the generator"
             )
@@ -48,7 +49,7 @@ def preset_path(name: str) -> Path:
     """The file of the preset ``name`` (a ValueError lists the known names)."""
     path = Path(str(resources.files(__name__).joinpath(f"{name}.toml")))
     if not path.is_file():
-        raise ValueError(f"unknown model preset '{name}'; presets: {', '.join(preset_names())}")
+        raise InputError(f"unknown model preset '{name}'; presets: {', '.join(preset_names())}")
     return path
 
 

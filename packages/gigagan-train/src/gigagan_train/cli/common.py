@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from gigagan_train.errors import RunError
 
 __all__ = [
     "UserError",
+    "check_psi",
+    "check_regular_file",
+    "check_seed",
     "check_writable",
     "prepare_output",
     "read_prompts",
@@ -27,6 +31,31 @@ class UserError(Exception):
 def user_error_types() -> tuple[type[BaseException], ...]:
     """The exceptions a command reports as one ``error:`` line (exit status 2)."""
     return (UserError, SpecFileError, PluginError, RunError, GigaGANError, OSError)
+
+
+SEED_LIMIT = 2**32
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """A seed the generators accept (``0 <= seed < 2**32``), or one ``error:`` line."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"{option} must be in [0, 2**32), got {seed}")
+    return seed
+
+
+def check_psi(psi: float, option: str = "--truncation") -> float:
+    """A finite truncation psi >= 0, or one ``error:`` line."""
+    if not (math.isfinite(psi) and psi >= 0):
+        raise UserError(f"{option} must be a finite number >= 0, got {psi}")
+    return psi
+
+
+def check_regular_file(path: Path, what: str) -> Path:
+    """``path`` if it is a regular file: a named pipe or a device would block a reader."""
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a pipe or device?)"
+        raise UserError(f"{path}: {what} is {kind}")
+    return path
 
 
 def check_writable(folder: str | Path) -> None:

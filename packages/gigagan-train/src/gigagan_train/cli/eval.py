@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gigagan_train.checkpoint import find_checkpoint
+from gigagan_train.cli.common import check_psi, check_seed
 from gigagan_train.errors import RunError
 from gigagan_train.evaluation.evaluate import dataset_of, evaluate_checkpoint, format_summary
 from gigagan_train.spec import METRICS, EvalSpec
@@ -50,6 +51,8 @@ def _read_clip_config(path: str | None) -> dict[str, Any] | None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    check_seed(args.seed)
+    check_psi(args.truncation)
     checkpoint = Path(args.checkpoint)
     if not checkpoint.exists():
         raise RunError(f"{checkpoint}: no such checkpoint, run or model folder")

@@ -8,7 +8,13 @@ from typing import Any
 
 import torch
 
-from gigagan_train.cli.common import UserError, prepare_output, read_prompts
+from gigagan_train.cli.common import (
+    UserError,
+    check_psi,
+    check_seed,
+    prepare_output,
+    read_prompts,
+)
 from gigagan_train.images import save_grid
 from gigagan_train.networks import load_network
 
@@ -18,8 +24,8 @@ __all__ = ["add_parser"]
 def _cmd_sample(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     out = prepare_output(args.out)
-    if not 0 <= args.truncation:
-        raise UserError(f"--truncation must be >= 0, got {args.truncation}")
+    check_psi(args.truncation)
+    check_seed(args.seed)
     if args.n < 1:
         raise UserError(f"-n must be at least 1, got {args.n}")
     net = load_network(args.checkpoint, "generator")

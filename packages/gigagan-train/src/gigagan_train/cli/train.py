@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from gigagan_core.specs import load_spec
 from gigagan_train import distributed
 from gigagan_train.assemble import dry_run
@@ -32,7 +34,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.max_minutes is not None:
         updates["max_minutes"] = args.max_minutes
     if updates:
-        spec = RunSpec.model_validate({**spec.model_dump(), **updates})
+        try:
+            spec = RunSpec.model_validate({**spec.model_dump(), **updates})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = str(error["loc"][0]) if error["loc"] else ""
+            option = {"steps": "--steps", "max_minutes": "--max-minutes"}.get(field, field)
+            message = str(error["msg"]).removeprefix("Value error, ")
+            raise UserError(f"{option}: {message} (got {error.get('input')!r})") from None
     log.info("spec %s is valid", path)
     if args.dry_run:
         run, folder = dry_run(spec, args.out)
@@ -52,7 +61,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--overwrite and --resume contradict each other; pick one")
     folder = Path(args.out or spec.output_dir or Path("runs") / spec.name)
     # under torchrun: join the group (a plain `gigagan train` is rank 0 of 1)
-    group = distributed.init_from_env(spec.device)
+    group = distributed.init_from_env(spec.device, spec.process_group_timeout)
     try:
         if group.is_main:
             check_writable(folder)

@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from gigagan_train.cli.common import UserError, check_writable
+from gigagan_train.cli.common import UserError, check_regular_file, check_seed, check_writable
 from gigagan_train.networks import load_network
 from gigagan_upsampler import upsample
 
@@ -20,16 +20,17 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     check_writable(out)
     if args.tile is not None and args.tile < 1:
         raise UserError(f"--tile must be positive, got {args.tile}")
+    check_seed(args.seed)
     images = []
     for name in args.images:
-        path = Path(name)
+        path = check_regular_file(Path(name), "the image")
         try:
             with Image.open(path) as handle:
                 handle.load()
                 images.append((path, handle.copy()))
         except FileNotFoundError:
             raise UserError(f"{path}: no such image") from None
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise UserError(f"{path}: not a readable image ({exc})") from exc
     up = load_network(args.checkpoint, "upsampler")
     if args.prompt is not None and not getattr(up, "conditional", False):

@@ -31,6 +31,8 @@ def resolve_spec_path(name: str) -> Path:
     folder is named as such (a bare name is a preset even beside a folder of that name,
     e.g. the run folder ``demo/``)."""
     path = Path(name)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise RunError(f"{name}: not a regular file (a pipe or device?); give a spec file")
     if path.suffix.lower() in {".toml", ".json"} or path.is_file():
         return path
     if os.sep in name or "/" in name:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gigagan_core.errors import InputError
 from gigagan_core.nets.discriminator import MultiScaleDiscriminatorSpec
 from gigagan_core.specs import AnyDiscriminator, load_spec
 from gigagan_upsampler.unet import UpsamplerSpec
@@ -45,7 +46,7 @@ class UpsamplerPreset(BaseModel):
             isinstance(d, MultiScaleDiscriminatorSpec)
             and d.resolutions != self.upsampler.resolutions
         ):
-            raise ValueError(
+            raise InputError(
                 f"discriminator levels {list(d.resolutions)} differ from the upsampler's "
                 f"pyramid {list(self.upsampler.resolutions)}; set discriminator.resolution and "
                 "min_resolution to its first and last level"
@@ -63,7 +64,7 @@ def upsampler_preset_path(name: str) -> Path:
     """The file of the preset ``name`` (a ValueError lists the known names)."""
     path = Path(str(resources.files(__name__).joinpath(f"{name}.toml")))
     if not path.is_file():
-        raise ValueError(
+        raise InputError(
             f"unknown upsampler preset '{name}'; presets: {', '.join(upsampler_preset_names())}"
         )
     return path
