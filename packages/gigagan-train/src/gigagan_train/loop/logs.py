@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLog", "StepResult", "Window", "progress_bar", "progress_postfix"]
+__all__ = [
+    "MetricsLog",
+    "ProgressBar",
+    "StepResult",
+    "Window",
+    "progress_bar",
+    "progress_postfix",
+]
 
 log = logging.getLogger("gigagan_train.loop")
 
@@ -99,11 +106,45 @@ class MetricsLog:
             self._tb = None
 
 
-def progress_bar(total: int, initial: int) -> Any:
-    """A tqdm bar over the run's steps."""
-    from tqdm.auto import tqdm
+class ProgressBar:
+    """The run's tqdm bar: over its steps, or, for a run bounded by ``max_minutes``, over
+    that time budget (the time left, not an ETA for a step count the clock cuts short);
+    the step and kimg are then in the postfix."""
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    def __init__(self, total_steps: int, initial: int, max_minutes: float | None) -> None:
+        from tqdm.auto import tqdm
+
+        self.by_time = max_minutes is not None
+        if max_minutes is not None:
+            self.bar = tqdm(
+                total=round(max_minutes * 60),
+                unit="s",
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]",
+            )
+        else:
+            self.bar = tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True)
+        self.started = time.monotonic()
+
+    def advance(self, step: int) -> None:
+        if self.by_time:
+            elapsed = min(time.monotonic() - self.started, float(self.bar.total))
+            self.bar.update(elapsed - self.bar.n)
+        else:
+            self.bar.update(1)
+
+    def set_postfix(self, values: dict[str, str], step: int) -> None:
+        if self.by_time:
+            values = {"step": str(step), **values}
+        self.bar.set_postfix(values, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress_bar(total: int, initial: int, max_minutes: float | None = None) -> ProgressBar:
+    """A progress bar over the run's steps, or over ``max_minutes`` when it has a budget."""
+    return ProgressBar(total, initial, max_minutes)
 
 
 def progress_postfix(result: StepResult, kimg: float) -> dict[str, str]:

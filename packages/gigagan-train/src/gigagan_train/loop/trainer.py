@@ -210,7 +210,9 @@ class Trainer:
                 truncate_metrics(self.folder / "metrics.jsonl", state.step)
             dump_spec(spec, self.folder / "spec.json")
         self._metrics = MetricsLog(self.folder, enabled=self.is_main, tensorboard=spec.tensorboard)
-        bar = progress_bar(self.total_steps, state.step) if self.progress and self.is_main else None
+        bar = None
+        if self.progress and self.is_main:
+            bar = progress_bar(self.total_steps, state.step, spec.max_minutes)
         start_time, start_step = time.monotonic(), state.step
         window = Window()
         batches = self.batches()
@@ -241,11 +243,10 @@ class Trainer:
                     self._log(summary)
                     window = Window()
                     if bar is not None:
-                        postfix = progress_postfix(summary, state.images_seen / 1000)
-                        bar.set_postfix(postfix, refresh=False)
+                        bar.set_postfix(progress_postfix(summary, state.images_seen / 1000), step)
                 self.phases.guard.check(state.consecutive_skips, step, result.skipped, self.folder)
                 if bar is not None:
-                    bar.update(1)
+                    bar.advance(step)
                 if step % spec.sample_every == 0:
                     self.write_samples()
                 if spec.eval_every is not None and step % spec.eval_every == 0:
