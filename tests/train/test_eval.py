@@ -351,7 +351,10 @@ def _one_line(err: str, *needles: str) -> None:
         assert needle in lines[0], (needle, lines[0])
 
 
-def test_gigagan_eval_missing_weights_are_one_line_errors(run: Trainer, files, tmp_path, capsys):
+def test_gigagan_eval_missing_weights_are_one_line_errors(
+    run: Trainer, files, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the default --out is the working directory: look only here
     base = ["eval", str(run.folder), "--n", "4", "--cache-dir", str(files["cache"])]
     assert main([*base, "--metrics", "fid"]) == 2
     _one_line(capsys.readouterr().err, "--inception-weights", INCEPTION_URL)

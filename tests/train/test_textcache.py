@@ -114,3 +114,14 @@ def test_training_with_the_cache_encodes_each_caption_once(make_spec, tmp_path):
     # prompts (G-EMA's sampling at step 2)
     assert calls == [trainer.sample_prompts]
     assert trainer.text_cache.hits == 2 * spec.batch_size
+
+
+def test_an_unreadable_cache_file_is_rebuilt(make_spec, tmp_path):
+    encoder = _encoder(make_spec)
+    path = tmp_path / "cache.safetensors"
+    path.write_bytes(b"\x00" * 64)  # a damaged file (an interrupted copy, a full disk)
+    digest = encoder_digest(encoder)
+    cache = TextFeatureCache(encoder, path, digest=digest, device=torch.device("cpu"))
+    assert len(cache) == 0
+    assert cache.build(CAPTIONS) == 3
+    _close(cache(CAPTIONS[:2]), encoder(CAPTIONS[:2]))

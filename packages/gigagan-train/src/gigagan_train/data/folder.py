@@ -89,11 +89,21 @@ class FolderIndex:
 
 
 def _walk(root: Path) -> Iterator[tuple[str, list[str]]]:
-    """``(relative folder, sorted file names)`` for the folder and its non-hidden subfolders."""
+    """``(relative folder, sorted file names)`` for the folder and its non-hidden subfolders.
+
+    Only regular files (or links to them) are listed: a named pipe, socket or device would
+    block or fail the reader that opens it, so it is named in the log and never opened."""
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel = Path(folder).relative_to(root).as_posix()
-        yield ("" if rel == "." else rel), sorted(f for f in files if not f.startswith("."))
+        regular = []
+        for name in sorted(f for f in files if not f.startswith(".")):
+            if os.path.isfile(os.path.join(folder, name)):
+                regular.append(name)
+            else:
+                log.warning("%s: not a regular file (a pipe, socket or device); skipped",
+                            os.path.join(folder, name))  # fmt: skip
+        yield ("" if rel == "." else rel), regular
 
 
 def _join(folder: str, name: str) -> str:

@@ -105,6 +105,11 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
     ``expand_urls``, which also splits on ``::``), folders replaced by their sorted ``.tar``
     files, local paths made absolute. Raises :class:`RunError` naming what is missing."""
     patterns = [urls] if isinstance(urls, str) else list(urls)
+    if not patterns or any(not str(p).strip() for p in patterns):
+        raise RunError(
+            "dataset.urls is empty: give shard paths or a pattern "
+            "('data/shard-{000000..000009}.tar') or a folder of .tar files"
+        )
     shards: list[str] = []
     missing: list[str] = []
     for pattern in patterns:

@@ -107,8 +107,15 @@ class TextFeatureCache:
             self._open(self.path)
 
     def _open(self, path: Path) -> None:
-        handle = safe_open(str(path), framework="pt")
-        meta = handle.metadata() or {}
+        try:
+            handle = safe_open(str(path), framework="pt")
+            meta = handle.metadata() or {}
+            json.loads(meta.get("captions", "[]"))
+        except Exception as exc:  # a damaged cache is rebuilt, never trusted
+            log.warning("text cache %s is unreadable (%s); it is rebuilt", path, exc)
+            self._rows = {}
+            return
+
         if meta.get("encoder") != self.digest:
             log.warning("text cache %s was written by another text encoder; it is rebuilt", path)
             self._rows = {}
