@@ -42,9 +42,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gigagan_core.frozen import is_frozen
-from gigagan_core.specs import dump_spec
+from gigagan_core.specs import dump_spec, load_spec
 from gigagan_train import distributed
 from gigagan_train.errors import CheckpointError
+from gigagan_train.spec import RunSpec, resume_changes
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -55,6 +56,7 @@ __all__ = [
     "TrainerState",
     "abandon_later_checkpoints",
     "check_latest_pointer",
+    "check_resume_spec",
     "checkpoint_problem",
     "find_checkpoint",
     "fsync_dir",
@@ -66,6 +68,7 @@ __all__ = [
     "move_run_aside",
     "non_finite_tensors",
     "optimizer_state_files",
+    "prepare_run_folder",
     "prune_checkpoints",
     "read_trainer_state",
     "read_training_checkpoint",
@@ -761,6 +764,9 @@ def _restore_rng(
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
 
 
+_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
+
+
 def read_training_checkpoint(
     folder: Path,
     *,
@@ -771,9 +777,13 @@ def read_training_checkpoint(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    keep_hyperparameters: bool = False,
 ) -> tuple[TrainerState, dict[str, Any]]:
     """Fill ``modules``, the loss modules and the optimisers from ``folder`` and restore
     this process's RNG states; returns the training state and the raw ``trainer.json``.
+
+    ``keep_hyperparameters``: the optimisers keep their ``lr``, ``betas``, ``eps`` and
+    ``weight_decay`` (from the resuming run's spec) instead of taking the saved ones.
 
     On the same number of processes as the checkpoint was written with, each rank continues
     its own random streams; on another number, every rank gets a fresh stream seeded by
@@ -802,7 +812,15 @@ def read_training_checkpoint(
         with torch.no_grad():
             for k, v in expected.items():
                 v.copy_(own[k])
+    hyper = {
+        name: [{k: g[k] for k in _HYPERPARAMETERS if k in g} for g in opt.param_groups]
+        for name, opt in optimizers.items()
+    }
     load_optimizer_state(optimizers, folder)
+    if keep_hyperparameters:
+        for name, opt in optimizers.items():
+            for group, values in zip(opt.param_groups, hyper[name], strict=True):
+                group.update(values)
     rng = _load_tensors(folder / "rng.safetensors")
     saved_world = saved.get("world_size", 1)
     if not isinstance(saved_world, int) or saved_world < 1:
@@ -945,6 +963,44 @@ def restore_run(folder: Path, aside: Path) -> None:
     aside.rmdir()
     fsync_dir(folder)
     log.warning("the new run stopped before its first checkpoint; the previous run is restored")
+
+
+def check_resume_spec(folder: Path, spec: RunSpec) -> None:
+    """Refuse a resume whose ``spec`` changes what the checkpoint in ``folder`` fixes
+    (:func:`~gigagan_train.spec.resume_changes`); log what it changes otherwise (those
+    values come from the new spec)."""
+    try:
+        saved = load_spec(folder / "spec.json", RunSpec)
+    except Exception as exc:  # a checkpoint of another version, or damaged
+        log.warning("%s: its spec.json is not readable (%s); not compared", folder, exc)
+        return
+    refused, applied = resume_changes(saved, spec)
+    if refused:
+        raise CheckpointError(
+            f"cannot resume {folder} with this spec: {'; '.join(refused)} (the "
+            "checkpoint's tensors depend on it; start a new run with --out or --overwrite)"
+        )
+    for line in applied:
+        log.warning("resume: %s (from the new spec)", line)
+
+
+def prepare_run_folder(
+    folder: Path, spec: RunSpec, *, overwrite: bool, resumed_step: int | None
+) -> Path | None:
+    """Ready ``folder`` for a run (rank 0, under the run's lock): clear stale temporaries;
+    on a resume (``resumed_step``), set later checkpoints aside (a branch) and cut
+    metrics.jsonl to the step; with ``overwrite`` and no resume, move the old run's outputs
+    aside and return where (:func:`restore_run` puts them back); write spec.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder / "checkpoints")
+    previous = None
+    if resumed_step is not None:
+        abandon_later_checkpoints(folder / "checkpoints", resumed_step)
+        truncate_metrics(folder / "metrics.jsonl", resumed_step)
+    elif overwrite:
+        previous = move_run_aside(folder)
+    dump_spec(spec, folder / "spec.json")
+    return previous
 
 
 def truncate_metrics(path: Path, step: int) -> None:

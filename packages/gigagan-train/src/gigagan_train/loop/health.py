@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from gigagan_train import distributed
 from gigagan_train.data.batches import is_iterable
+from gigagan_train.errors import TrainingAbortedError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DataHealth"]
 
@@ -43,6 +47,16 @@ class DataHealth:
         self.bad_reads += n_reads
         self.delivered += n_delivered
         return new
+
+    def check(self, batch: dict[str, Any], *, is_main: bool) -> None:
+        """Counts one batch's skipped files (a collective), names new ones (rank 0) and
+        raises :class:`TrainingAbortedError` once there are more than ``max_bad_fraction``."""
+        new = self.update(list(batch.get("skipped", ())), len(batch["caption"]))
+        if new and is_main:
+            more = " ..." if len(new) > 5 else ""
+            log.warning("skipped %d unreadable file(s): %s%s", len(new), ", ".join(new[:5]), more)
+        if self.exceeded():
+            raise TrainingAbortedError(self.message())
 
     def fraction(self) -> float:
         if self.size is not None:

@@ -192,9 +192,8 @@ class PhaseRunner:
                 (total / len(micro)).backward()
             for name, value in named.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / len(micro)
-            sums[f"{label}/total"] = sums.get(f"{label}/total", 0.0) + float(
-                total.detach()
-            ) / len(micro)
+            key = f"{label}/total"
+            sums[key] = sums.get(key, 0.0) + float(total.detach()) / len(micro)
         if bad is None and sums:
             grads = [p.grad for p in params if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())

@@ -42,26 +42,23 @@ import torch
 from torch import nn
 
 from gigagan_core.frozen import set_trainable
-from gigagan_core.specs import dump_spec, load_spec
 from gigagan_train import distributed
 from gigagan_train.assemble import AssembledRun, assemble, build_optimizers, lazy_interval, run_dir
 from gigagan_train.checkpoint import (
     RunFolderLock,
     TrainerState,
-    abandon_later_checkpoints,
-    move_run_aside,
+    check_resume_spec,
+    prepare_run_folder,
     read_training_checkpoint,
-    remove_stale_temporaries,
     restore_run,
     resume_point,
     seed_everything,
     step_folder_name,
-    truncate_metrics,
     write_training_checkpoint,
 )
 from gigagan_train.data.batches import batch_stream, first_items, next_batch
 from gigagan_train.data.textcache import TextFeatureCache, open_text_cache
-from gigagan_train.errors import CheckpointError, RunError, TrainingAbortedError
+from gigagan_train.errors import RunError
 from gigagan_train.evaluation.evaluate import evaluate_generator, scalar_metrics
 from gigagan_train.loop.ema import ema_beta, make_ema, update_ema
 from gigagan_train.loop.guard import NanGuard
@@ -71,7 +68,7 @@ from gigagan_train.loop.phases import PhaseRunner, split_batch
 from gigagan_train.loop.replicas import Replicas
 from gigagan_train.loop.samples import SampleGrids
 from gigagan_train.networks import resolve_device
-from gigagan_train.spec import RunSpec, resume_changes
+from gigagan_train.spec import RunSpec
 
 __all__ = ["Trainer"]
 
@@ -121,7 +118,7 @@ class Trainer:
         trains = "upsampler" if spec.trains_upsampler else "generator"
         resume_from = resume_point(self.folder, resume, trains, overwrite=self.overwrite)
         if resume_from is not None:
-            self._check_resume_spec(resume_from)
+            check_resume_spec(resume_from, spec)
         if world_size > 1 and not distributed.is_distributed():
             raise RunError(
                 f"world_size={world_size} but no process group is initialised: start "
@@ -198,17 +195,12 @@ class Trainer:
     def fit(self) -> TrainerState:
         """Train until the spec's length (or ``max_minutes``), with logs, samples, checkpoints."""
         spec, state = self.spec, self.state
-        previous: Path | None = None
+        previous = None  # with --overwrite: the old run, kept until this one checkpoints
         if self.is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.folder / "checkpoints")
-            if self.overwrite and self._resumed_from is None:
-                previous = move_run_aside(self.folder)
-            if self._resumed_from is not None:
-                # a branch: later checkpoints of this folder leave the run's line
-                abandon_later_checkpoints(self.folder / "checkpoints", state.step)
-                truncate_metrics(self.folder / "metrics.jsonl", state.step)
-            dump_spec(spec, self.folder / "spec.json")
+            resumed = state.step if self._resumed_from is not None else None
+            previous = prepare_run_folder(
+                self.folder, spec, overwrite=self.overwrite, resumed_step=resumed
+            )
         self._metrics = MetricsLog(self.folder, enabled=self.is_main, tensorboard=spec.tensorboard)
         bar = None
         if self.progress and self.is_main:
@@ -221,17 +213,7 @@ class Trainer:
         try:
             while state.step < self.total_steps:
                 batch = next_batch(batches)
-                new_bad = health.update(list(batch.get("skipped", ())), len(batch["caption"]))
-                if new_bad and self.is_main:
-                    log.warning(
-                        "skipped %d unreadable file(s): %s%s",
-                        len(new_bad),
-                        ", ".join(new_bad[:5]),
-                        " ..." if len(new_bad) > 5 else "",
-                    )
-                if health.exceeded():
-                    raise TrainingAbortedError(health.message())
-
+                health.check(batch, is_main=self.is_main)
                 result = self.train_step(batch)
 
                 if health.count:
@@ -301,8 +283,16 @@ class Trainer:
         # backward through attention is not autocast).
         if self.lazy_losses and state.step % self.reg_interval == 0:
             phases.run(
-                "D", self.lazy_losses, micro, self.opt_D, d_adam, result,
-                step=state.step, label="Dreg", fakes=fakes, autocast=False,
+                "D",
+                self.lazy_losses,
+                micro,
+                self.opt_D,
+                d_adam,
+                result,
+                step=state.step,
+                label="Dreg",
+                fakes=fakes,
+                autocast=False,
             )
         # G phase: D and the D-side loss modules are fixed.
         self._train(self.G)
@@ -448,29 +438,7 @@ class Trainer:
             keep_last=self.spec.keep_last,
         )
 
-    def _check_resume_spec(self, folder: Path) -> None:
-        """Refuse a resume whose spec changes what the checkpoint fixes; log what it changes
-        otherwise (those values come from the new spec)."""
-        try:
-            saved = load_spec(folder / "spec.json", RunSpec)
-        except Exception as exc:  # a checkpoint of another version, or damaged
-            log.warning("%s: its spec.json is not readable (%s); not compared", folder, exc)
-            return
-        refused, applied = resume_changes(saved, self.spec)
-        if refused:
-            raise CheckpointError(
-                f"cannot resume {folder} with this spec: {'; '.join(refused)} (the "
-                "checkpoint's tensors depend on it; start a new run with --out or --overwrite)"
-            )
-        for line in applied:
-            log.warning("resume: %s (from the new spec)", line)
-
     def _load(self, folder: Path) -> None:
-        # the optimisers' hyperparameters come from this run's spec, not the checkpoint
-        hyper = [
-            [{k: g[k] for k in ("lr", "betas", "eps", "weight_decay")} for g in opt.param_groups]
-            for opt in (self.opt_G, self.opt_D)
-        ]
         self.state, saved = read_training_checkpoint(
             folder,
             modules=self._modules(),
@@ -480,10 +448,8 @@ class Trainer:
             seed=self.spec.seed,
             rank=self.rank,
             world_size=self.world_size,
+            keep_hyperparameters=True,  # lr and betas come from this run's spec
         )
-        for opt, groups in zip((self.opt_G, self.opt_D), hyper, strict=True):
-            for group, values in zip(opt.param_groups, groups, strict=True):
-                group.update(values)
         self._resumed_from = folder
         if saved.get("sample_prompts") is not None:
             self.sample_prompts = list(saved["sample_prompts"])
