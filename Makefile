@@ -35,6 +35,7 @@ test: lint typecheck
 
 lint: setup
 	$(BIN)/ruff check packages examples tests benchmarks
+	$(BIN)/ruff format --check packages examples tests benchmarks
 
 typecheck: setup
 	$(BIN)/python -m mypy

@@ -425,9 +425,7 @@ def test_spec_validation_names_the_field(overrides, message):
 
 
 @pytest.mark.parametrize("conditioning", ["modulated", "projection"])
-def test_a_global_readout_is_the_map_readout_averaged_when_the_head_is_linear(
-    conditioning, images
-):
+def test_a_global_readout_is_the_map_readout_averaged_when_the_head_is_linear(conditioning, images):
     # with one head layer the readout is linear in the features, so averaging the features
     # first (global) and averaging the logits (map) must agree
     encoder = FakeTextEncoder()

@@ -91,8 +91,13 @@ def test_a_run_without_losses_is_refused(tmp_path, capsys):
         ({"WORLD_SIZE": "2", "RANK": "-1", "LOCAL_RANK": "0"}, "RANK=-1"),
         ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "MASTER_ADDR is not set"),
         (
-            {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": "http"},
+            {
+                "WORLD_SIZE": "2",
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "http",
+            },
             "MASTER_PORT='http'",
         ),
         ({"RANK": "1"}, "RANK=1 is set but WORLD_SIZE is not"),

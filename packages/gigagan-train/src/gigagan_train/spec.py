@@ -203,7 +203,6 @@ def check_weights_file(path: str | None, option: str, hint: str) -> Path:
     return file
 
 
-
 # ---- the run ----------------------------------------------------------------------------
 
 
