@@ -121,6 +121,18 @@ def test_pack_leaves_out_bad_files_and_will_not_overwrite(tmp_path):
     assert [p.read_bytes() for p in same.shards] == [p.read_bytes() for p in again.shards]
 
 
+def test_pack_overwrite_that_fails_keeps_the_old_shards(tmp_path):
+    make_folder(tmp_path / "imgs", 3)
+    first = pack(tmp_path / "imgs", tmp_path / "out", shard_size=1)
+    before = [p.read_bytes() for p in first.shards]
+    make_folder(tmp_path / "broken", 2, bad=(0, 1))
+    with pytest.raises(RunError, match="none of its images can be read; no shard written"):
+        pack(tmp_path / "broken", tmp_path / "out", overwrite=True)
+    # the old shards are untouched and the staging folder is gone
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [p.name for p in first.shards]
+    assert [p.read_bytes() for p in first.shards] == before
+
+
 def test_cli_pack_prints_the_pattern_for_a_spec(tmp_path, capsys):
     make_folder(tmp_path / "imgs", 7)
     out = tmp_path / "out"

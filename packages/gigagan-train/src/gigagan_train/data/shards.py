@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,7 +425,9 @@ def pack(
     one shard. Every image is decoded once first; bad ones are left out and listed. A shard
     closes at ``shard_size`` samples or ``max_shard_bytes``. ``progress(done, total)`` is called
     after each image. Raises :class:`RunError` when ``out_dir`` already holds shards (unless
-    ``overwrite``) or no image can be packed.
+    ``overwrite``) or no image can be packed. With ``overwrite`` the new shards are written
+    to a temporary folder inside ``out_dir`` first and replace the old ones only when all are
+    written, so a pack that fails keeps the old shards.
     """
     if shard_size < 1:
         raise RunError(f"shard size must be at least 1, got {shard_size}")
@@ -441,8 +445,35 @@ def pack(
                 f"({existing[0].name}, ...); replace them with --overwrite (overwrite=True) or "
                 "choose another folder"
             )
+    # New shards go to a temporary folder inside ``out`` and replace the old ones only once
+    # every image has been read: a failed pack (no readable image, a kill) keeps the old set.
+    for stale in out.glob(".tmp-pack-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out / f".tmp-pack-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        summary = _pack_into(index, staging, shuffle_seed, shard_size, max_shard_bytes, progress)
         for path in existing:
             path.unlink()
+        final = []
+        for path in summary.shards:
+            os.replace(path, out / path.name)
+            final.append(out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return PackSummary(
+        final, shard_pattern(final), summary.written, summary.bad, summary.uncaptioned
+    )
+
+
+def _pack_into(
+    index: Any,
+    out: Path,
+    shuffle_seed: int | None,
+    shard_size: int,
+    max_shard_bytes: float,
+    progress: Callable[[int, int], None] | None,
+) -> PackSummary:
     order = list(range(len(index.files)))
     if shuffle_seed is not None:
         generator = torch.Generator().manual_seed(shuffle_seed)
