@@ -137,3 +137,27 @@ def test_library_argument_errors_are_gigagan_errors():
     with pytest.raises(GigaGANError, match=r"psi .* finite"):
         g.sample(["a red circle"], psi=float("nan"))
     assert torch.is_tensor(g.sample(["a red circle"]).image)
+
+
+def test_a_down_conv_on_a_one_pixel_input_names_the_size():
+    import torch
+
+    from gigagan_core.errors import InputError
+    from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
+
+    conv = AdaptiveConv2d(4, 4, 3, 8, down=2)
+    with pytest.raises(
+        InputError, match="a down=2 layer needs an input of at least 2x2 pixels, got 1x1"
+    ):
+        conv(torch.randn(1, 4, 1, 1), torch.randn(1, 8))
+
+
+def test_a_text_tower_whose_width_heads_do_not_divide_is_named():
+    from gigagan_core.errors import InputError
+    from gigagan_core.nets.clip import check_clip_config
+
+    config = {"embed_dim": 16, "text_cfg": {"width": 30, "heads": 4, "layers": 1}}
+    with pytest.raises(
+        InputError, match="model_config: text_cfg width=30 is not divisible by heads=4"
+    ):
+        check_clip_config(config, "model_config")

@@ -485,6 +485,11 @@ class AdaptiveConv2d(nn.Module):
         check_tensor(w, "w", shape=f"b {self.w_dim}", ndim=2, sizes={1: self.w_dim})
         if w.shape[0] != x.shape[0]:
             raise InputError(f"x and w batch sizes differ: {x.shape[0]} vs {w.shape[0]}")
+        if self.down == 2 and min(x.shape[2:]) < 2:
+            raise InputError(
+                f"a down=2 layer needs an input of at least 2x2 pixels, got "
+                f"{x.shape[2]}x{x.shape[3]}"
+            )
         if noise_mode not in ("random", "none"):
             raise InputError(f"unknown noise_mode '{noise_mode}'; expected 'random' or 'none'")
         if noise is not None and self.noise_strength is None:

@@ -110,6 +110,12 @@ def check_clip_config(config: Any, source: str) -> None:
         raise InputError(
             f"{source}: 'text_cfg' must be a mapping, got {type(config['text_cfg']).__name__}"
         )
+    width, heads = config["text_cfg"].get("width"), config["text_cfg"].get("heads")
+    if isinstance(width, int) and isinstance(heads, int) and (heads < 1 or width % heads):
+        raise InputError(
+            f"{source}: text_cfg width={width} is not divisible by heads={heads} (each "
+            "attention head takes width / heads channels)"
+        )
 
 
 def resolve_clip_config(model_name: str, model_config: Mapping[str, Any] | None) -> dict[str, Any]:
