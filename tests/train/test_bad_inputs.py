@@ -161,3 +161,14 @@ def test_a_text_tower_whose_width_heads_do_not_divide_is_named():
         InputError, match="model_config: text_cfg width=30 is not divisible by heads=4"
     ):
         check_clip_config(config, "model_config")
+
+
+def test_a_batch_size_beyond_any_memory_is_refused_by_the_spec():
+    from pydantic import ValidationError
+
+    from gigagan_train.spec import MAX_BATCH, RunSpec
+
+    with pytest.raises(ValidationError, match="less than or equal to 1048576"):
+        RunSpec.model_validate({**tiny_run(), "batch_size": 10**30})
+    assert RunSpec.model_validate({**tiny_run(), "batch_size": 4}).batch_size == 4
+    assert MAX_BATCH == 2**20

@@ -62,6 +62,9 @@ __all__ = [
     "resume_changes",
 ]
 
+# A bound on batch sizes, far above any machine's memory, so a typo is named at once.
+MAX_BATCH = 2**20
+
 # Counts and sizes are strict: TOML's `true` or JSON's "8" is an error, not 1 or 8.
 Count = Annotated[int, Field(strict=True, ge=1)]
 NonNegative = Annotated[int, Field(strict=True, ge=0)]
@@ -116,7 +119,9 @@ class EvalSpec(BaseModel):
         description="Generated images (and real images they are compared with). FID is "
         "biased upwards at small n: compare figures at the same n only.",
     )
-    batch_size: int = Field(50, strict=True, ge=1, description="Images per forward pass.")
+    batch_size: int = Field(
+        50, strict=True, ge=1, le=MAX_BATCH, description="Images per forward pass (<= 2**20)."
+    )
     seed: int = Field(
         0, strict=True, description="Seed of the real sample, the prompts and the latents."
     )
@@ -340,7 +345,9 @@ class RunSpec(BaseModel):
         "and generated, in both phases (kind 'diffaugment' or 'ada'; R1 sees the images as "
         "they are); null: none.",
     )
-    batch_size: Count = Field(8, description="Images per step on each process.")
+    batch_size: Count = Field(
+        8, le=MAX_BATCH, description="Images per step on each process (at most 2**20)."
+    )
     num_workers: NonNegative = Field(0, description="DataLoader worker processes.")
     text_cache: bool = Field(
         False,
