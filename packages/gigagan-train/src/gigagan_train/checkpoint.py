@@ -812,15 +812,14 @@ def read_training_checkpoint(
         with torch.no_grad():
             for k, v in expected.items():
                 v.copy_(own[k])
-    hyper = {
+    kept = {
         name: [{k: g[k] for k in _HYPERPARAMETERS if k in g} for g in opt.param_groups]
-        for name, opt in optimizers.items()
+        for name, opt in (optimizers.items() if keep_hyperparameters else ())
     }
     load_optimizer_state(optimizers, folder)
-    if keep_hyperparameters:
-        for name, opt in optimizers.items():
-            for group, values in zip(opt.param_groups, hyper[name], strict=True):
-                group.update(values)
+    for name, groups in kept.items():
+        for group, values in zip(optimizers[name].param_groups, groups, strict=True):
+            group.update(values)
     rng = _load_tensors(folder / "rng.safetensors")
     saved_world = saved.get("world_size", 1)
     if not isinstance(saved_world, int) or saved_world < 1:
