@@ -18,6 +18,7 @@ from gigagan_losses.adversarial import (
 from gigagan_losses.base import Loss, LossContext, LossSpec
 from gigagan_losses.clip_loss import CLIPContrastiveLoss, CLIPContrastiveLossSpec
 from gigagan_losses.lpips import LPIPS, LPIPSLoss, LPIPSLossSpec
+from gigagan_losses.pixel import PixelLoss, PixelLossSpec, pixel_distance
 from gigagan_losses.vision_aided import VisionAidedLoss, VisionAidedLossSpec
 
 try:
@@ -38,10 +39,13 @@ __all__ = [
     "LossSpec",
     "MatchingAwareLoss",
     "MatchingAwareLossSpec",
+    "PixelLoss",
+    "PixelLossSpec",
     "R1Penalty",
     "R1PenaltySpec",
     "VisionAidedLoss",
     "VisionAidedLossSpec",
     "__version__",
     "lazy_regularization_adam",
+    "pixel_distance",
 ]
