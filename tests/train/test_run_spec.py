@@ -167,3 +167,20 @@ def test_dry_run_names_the_loss_that_fails(tmp_path, monkeypatch):
         r"RuntimeError: boom",
     ):
         dry_run(spec, tmp_path / "out")
+
+
+def test_evaluation_of_a_generator_run_refuses_the_upsampler_metrics():
+    err = _error(evaluation={"metrics": ["alignment", "psnr"]})
+    assert "[evaluation] metrics ['psnr'] compare an upsampler's output" in err
+    with pytest.raises(ValidationError, match="score its checkpoints with `gigagan eval`"):
+        RunSpec.model_validate(tiny_upsampler_run(evaluation={"metrics": ["alignment"]}))
+
+
+def test_the_upsample_demo_preset_trains_an_upsampler_with_the_pixel_loss():
+    from gigagan_core.specs import load_spec
+    from gigagan_train.presets import preset_path
+
+    spec = load_spec(preset_path("upsample-demo"), RunSpec)
+    assert spec.trains_upsampler and spec.max_minutes == 10
+    assert spec.upsampler.scale * spec.upsampler.input_resolution == spec.dataset.resolution
+    assert "pixel" in [loss.kind for loss in spec.losses]

@@ -27,6 +27,7 @@ __all__ = [
     "load_network",
     "model_folder",
     "module_device",
+    "network_role",
     "pyramid_of",
     "resolve_device",
 ]
@@ -102,15 +103,29 @@ def model_folder(path: str | Path) -> Path:
     return find_checkpoint(folder) / "G_ema"
 
 
-def load_network(path: str | Path, role: str) -> Any:
-    """The ``role`` network (``generator`` or ``upsampler``) saved at ``path`` (see
-    :func:`model_folder`), rebuilt by its registered factory's ``from_pretrained``."""
-    folder = model_folder(path)
+def _saved_kind(folder: Path) -> Any:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunError(f"{folder / 'config.json'}: not readable ({exc})") from exc
-    kind = config.get("kind") if isinstance(config, dict) else None
+    return config.get("kind") if isinstance(config, dict) else None
+
+
+def network_role(path: str | Path) -> str | None:
+    """The registered role (``generator``, ``upsampler``) of the network saved at ``path``
+    (see :func:`model_folder`); None when its kind is registered under no role."""
+    kind = _saved_kind(model_folder(path))
+    if not isinstance(kind, str):
+        return None
+    registry = get_registry()
+    return next((r for r in ("generator", "upsampler") if registry.has(r, kind)), None)
+
+
+def load_network(path: str | Path, role: str) -> Any:
+    """The ``role`` network (``generator`` or ``upsampler``) saved at ``path`` (see
+    :func:`model_folder`), rebuilt by its registered factory's ``from_pretrained``."""
+    folder = model_folder(path)
+    kind = _saved_kind(folder)
     registry = get_registry()
     if not isinstance(kind, str) or not registry.has(role, kind):
         other = next((r for r in registry.roles() if registry.has(r, kind)), None)

@@ -48,7 +48,9 @@ __all__ = [
     "CLIP_HINT",
     "INCEPTION_HINT",
     "INCEPTION_URL",
+    "LPIPS_HINT",
     "METRICS",
+    "UPSAMPLER_METRICS",
     "AdamSpec",
     "EMASpec",
     "EvalSpec",
@@ -76,9 +78,11 @@ class _Section(BaseModel):
 
 # ---- evaluation ------------------------------------------------------------------------
 
-METRICS = ("alignment", "fid", "kid", "clip")
-"""The metrics :class:`EvalSpec` can name."""
-Metric = Literal["alignment", "fid", "kid", "clip"]
+METRICS = ("alignment", "fid", "kid", "clip", "psnr", "ssim", "lpips")
+"""The metrics :class:`EvalSpec` can name (psnr, ssim and lpips score upsamplers only)."""
+Metric = Literal["alignment", "fid", "kid", "clip", "psnr", "ssim", "lpips"]
+UPSAMPLER_METRICS = ("psnr", "ssim", "lpips")
+"""Metrics that compare an output with its ground truth: upsampler evaluations only."""
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -90,6 +94,11 @@ TensorFlow FID network converted to PyTorch); the file ``--inception-weights`` n
 INCEPTION_HINT = (
     "torch-fidelity's InceptionV3 weights (pt_inception-2015-12-05, a PyTorch state dict; "
     f"download it once from {INCEPTION_URL}); nothing is downloaded at run time"
+)
+LPIPS_HINT = (
+    "the LPIPS network's two local files: the torchvision backbone state dict "
+    "(--lpips-backbone-weights, e.g. vgg16-397923af.pth) and the LPIPS linear layers "
+    "(--lpips-linear-weights, e.g. the reference weights/v0.1/vgg.pth); nothing is downloaded"
 )
 CLIP_HINT = (
     "a local open_clip checkpoint (.safetensors or .pt/.pth/.bin, e.g. open_clip_model."
@@ -110,7 +119,9 @@ class EvalSpec(BaseModel):
         ("alignment",),
         min_length=1,
         description="Metrics to compute: 'alignment' (synthetic-shapes data only; no "
-        "download), 'fid' and 'kid' (need inception_weights), 'clip' (needs clip_weights).",
+        "download), 'fid' and 'kid' (need inception_weights), 'clip' (needs clip_weights); "
+        "for upsamplers also 'psnr', 'ssim' (no download) and 'lpips' (needs the lpips_* "
+        "weights).",
     )
     n: int = Field(
         1000,
@@ -159,6 +170,17 @@ class EvalSpec(BaseModel):
         description="A full open_clip model config (embed_dim, vision_cfg, text_cfg) that "
         "replaces clip_model's bundled one.",
     )
+    lpips_backbone: Literal["vgg16", "alex"] = Field(
+        "vgg16", description="LPIPS feature network (torchvision architecture)."
+    )
+    lpips_backbone_weights: str | None = Field(
+        None, description="Local torchvision state dict of the LPIPS backbone; needed by lpips."
+    )
+    lpips_linear_weights: str | None = Field(
+        None,
+        description="Local LPIPS linear-layer file (the reference weights/v0.1/<net>.pth or "
+        "a .safetensors of it); needed by lpips.",
+    )
     cache_dir: str | None = Field(
         None,
         description="Where real-image features and the alignment classifier are cached; "
@@ -185,6 +207,14 @@ class EvalSpec(BaseModel):
             )
         if "clip" in self.metrics and self.clip_weights is None:
             problems.append(f"CLIP score needs --clip-weights (clip_weights): {CLIP_HINT}")
+        if "lpips" in self.metrics and None in (
+            self.lpips_backbone_weights,
+            self.lpips_linear_weights,
+        ):
+            problems.append(
+                "LPIPS needs --lpips-backbone-weights and --lpips-linear-weights "
+                f"(lpips_backbone_weights, lpips_linear_weights): {LPIPS_HINT}"
+            )
         return problems
 
     def check_files(self) -> None:
@@ -194,6 +224,9 @@ class EvalSpec(BaseModel):
             check_weights_file(self.inception_weights, "--inception-weights", INCEPTION_HINT)
         if "clip" in self.metrics:
             check_weights_file(self.clip_weights, "--clip-weights", CLIP_HINT)
+        if "lpips" in self.metrics:
+            check_weights_file(self.lpips_backbone_weights, "--lpips-backbone-weights", LPIPS_HINT)
+            check_weights_file(self.lpips_linear_weights, "--lpips-linear-weights", LPIPS_HINT)
 
 
 def check_weights_file(path: str | None, option: str, hint: str) -> Path:
@@ -451,7 +484,17 @@ class RunSpec(BaseModel):
                 "which metrics to compute"
             )
         if self.evaluation is not None and self.upsampler is not None:
-            raise ValueError("[evaluation] scores generators; an upsampler run cannot use it")
+            raise ValueError(
+                "[evaluation] scores generators; an upsampler run cannot use it (score its "
+                "checkpoints with `gigagan eval`)"
+            )
+        if self.evaluation is not None:
+            wrong = [m for m in self.evaluation.metrics if m in UPSAMPLER_METRICS]
+            if wrong:
+                raise ValueError(
+                    f"[evaluation] metrics {wrong} compare an upsampler's output with its "
+                    "ground truth; a generator has none"
+                )
         if (self.generator is None) == (self.upsampler is None):
             raise ValueError(
                 "a run trains exactly one of generator or upsampler; "

@@ -1,4 +1,6 @@
-"""``gigagan eval``: score a checkpoint's G-EMA (alignment, FID, KID, CLIP score).
+"""``gigagan eval``: score a checkpoint's G-EMA (alignment, FID, KID, CLIP score), or an
+upsampler's beside bicubic interpolation on held-out pairs (PSNR, SSIM, LPIPS, FID, KID,
+classifier FD).
 
 ::
 
@@ -7,7 +9,8 @@
     gigagan eval CKPT --data run.toml --n 5000 --out metrics.json
 
 Without ``--metrics`` it computes what it can: ``alignment`` on synthetic-shapes data, ``fid``
-and ``kid`` when ``--inception-weights`` is given, ``clip`` when ``--clip-weights`` is.
+and ``kid`` when ``--inception-weights`` is given, ``clip`` when ``--clip-weights`` is; for an
+upsampler also ``psnr`` and ``ssim``, and ``lpips`` when both LPIPS weights files are given.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ from gigagan_train.checkpoint import find_checkpoint
 from gigagan_train.cli.common import check_psi, check_seed
 from gigagan_train.errors import RunError
 from gigagan_train.evaluation.evaluate import dataset_of, evaluate_checkpoint, format_summary
+from gigagan_train.evaluation.upsampling import (
+    BASELINES,
+    evaluate_upsampler_checkpoint,
+    format_upsampler_summary,
+)
+from gigagan_train.networks import network_role
 from gigagan_train.spec import METRICS, EvalSpec
 
 __all__ = ["add_parser"]
@@ -57,6 +66,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not checkpoint.exists():
         raise RunError(f"{checkpoint}: no such checkpoint, run or model folder")
     ckpt_folder = None if (checkpoint / "config.json").is_file() else find_checkpoint(checkpoint)
+    upsampler = network_role(checkpoint) == "upsampler"
+    if not upsampler and args.baselines is not None:
+        raise RunError(
+            "--baselines compares an upsampler with interpolation; this checkpoint "
+            "holds a generator"
+        )
     if args.data is not None and Path(args.data).is_dir():
         data: Any = args.data  # an image folder: read at the generator's resolution
         kind = "imagefolder"
@@ -65,12 +80,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         kind = getattr(data, "kind", "?")
     metrics = args.metrics
     if not metrics:
-        metrics = []
+        metrics = ["psnr", "ssim"] if upsampler else []
+        if upsampler and args.lpips_backbone_weights and args.lpips_linear_weights:
+            metrics.append("lpips")
         if kind == "synthetic-shapes":
             metrics.append("alignment")
         if args.inception_weights:
             metrics += ["fid", "kid"]
-        if args.clip_weights:
+        if args.clip_weights and not upsampler:
             metrics.append("clip")
         if not metrics:
             raise RunError(
@@ -91,6 +108,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "clip_weights": args.clip_weights,
         "clip_model": args.clip_model,
         "clip_config": _read_clip_config(args.clip_config),
+        "lpips_backbone": args.lpips_backbone,
+        "lpips_backbone_weights": args.lpips_backbone_weights,
+        "lpips_linear_weights": args.lpips_linear_weights,
         "cache_dir": args.cache_dir,
     }
     try:
@@ -105,10 +125,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.parent and not out.parent.exists():
         raise RunError(f"--out {out}: folder {out.parent} does not exist")
-    result = evaluate_checkpoint(
-        checkpoint, data, spec, device=args.device, cache_dir=args.cache_dir
-    )
-    for line in format_summary(result):
+    if upsampler:
+        result = evaluate_upsampler_checkpoint(
+            checkpoint,
+            args.data,
+            spec,
+            baselines=args.baselines or ("bicubic",),
+            device=args.device,
+            cache_dir=args.cache_dir,
+        )
+        summary = format_upsampler_summary(result)
+    else:
+        result = evaluate_checkpoint(
+            checkpoint, data, spec, device=args.device, cache_dir=args.cache_dir
+        )
+        summary = format_summary(result)
+    for line in summary:
         _say(line)
     if out is None:
         step = result.get("step")
@@ -123,11 +155,14 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentPa
     p = sub.add_parser(
         "eval",
         parents=[common],
-        help="score a checkpoint: text alignment, FID, KID, CLIP score",
-        description="Score a checkpoint's G-EMA against real images of a dataset. Nothing is "
-        "downloaded: FID/KID and CLIP score read local weights files.",
+        help="score a checkpoint: text alignment, FID, KID, CLIP score; PSNR/SSIM for upsamplers",
+        description="Score a checkpoint's G-EMA against real images of a dataset, or an "
+        "upsampler's beside bicubic interpolation on held-out (low-res, high-res) pairs. "
+        "Nothing is downloaded: FID/KID, LPIPS and CLIP score read local weights files.",
     )
-    p.add_argument("checkpoint", help="checkpoint, run folder (its latest) or saved generator")
+    p.add_argument(
+        "checkpoint", help="checkpoint, run folder (its latest) or saved generator / upsampler"
+    )
     p.add_argument(
         "--data",
         help="what to compare with: a run spec file or preset name (its dataset) or an image "
@@ -159,6 +194,21 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentPa
     )
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (100)")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (1000)")
+    p.add_argument(
+        "--baselines",
+        nargs="+",
+        choices=BASELINES,
+        help="upsamplers: the interpolations scored beside it on the same pairs (bicubic)",
+    )
+    p.add_argument(
+        "--lpips-backbone", choices=["vgg16", "alex"], default="vgg16", help="LPIPS network"
+    )
+    p.add_argument(
+        "--lpips-backbone-weights", metavar="PATH", help="LPIPS: torchvision backbone weights"
+    )
+    p.add_argument(
+        "--lpips-linear-weights", metavar="PATH", help="LPIPS: the linear layers (e.g. vgg.pth)"
+    )
     p.add_argument("--clip-weights", metavar="PATH", help="local open_clip weights file")
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name of the weights")
     p.add_argument("--clip-config", metavar="JSON", help="an open_clip model config file")

@@ -1,7 +1,10 @@
-"""Scoring generators: text alignment, FID/KID, CLIP score, precision and recall.
+"""Scoring generators (text alignment, FID/KID, CLIP score, precision and recall) and
+upsamplers (beside interpolation, on held-out pairs).
 
 ``evaluate``     :func:`evaluate_generator`, :func:`evaluate_images`,
                  :func:`evaluate_checkpoint` and the readable summary of a result
+``upsampling``   :func:`evaluate_upsampler`, :func:`evaluate_upsampler_checkpoint`: PSNR,
+                 SSIM, LPIPS, FID/KID, classifier FD beside bicubic; the caption check
 ``samples``      the real sample, its prompts and the generated images
 ``metrics``      distances between feature sets (Fréchet, KID, precision / recall)
 ``alignment``    the synthetic-shapes attribute classifier and its accuracies
@@ -29,6 +32,11 @@ from gigagan_train.evaluation.metrics import (
     precision_recall,
 )
 from gigagan_train.evaluation.samples import RealSample, draw_real, eval_prompts, generate_images
+from gigagan_train.evaluation.upsampling import (
+    evaluate_upsampler,
+    evaluate_upsampler_checkpoint,
+    format_upsampler_summary,
+)
 from gigagan_train.spec import INCEPTION_URL, METRICS, EvalSpec
 
 __all__ = [
@@ -43,8 +51,11 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_generator",
     "evaluate_images",
+    "evaluate_upsampler",
+    "evaluate_upsampler_checkpoint",
     "file_sha256",
     "format_summary",
+    "format_upsampler_summary",
     "frechet_distance",
     "generate_images",
     "inception_features",

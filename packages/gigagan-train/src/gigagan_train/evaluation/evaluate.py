@@ -73,21 +73,25 @@ from gigagan_train.evaluation.metrics import (
 from gigagan_train.evaluation.samples import RealSample, build_dataset, draw_real, generate_images
 from gigagan_train.networks import load_network, module_device, resolve_device
 from gigagan_train.presets import resolve_spec_path
-from gigagan_train.spec import EvalSpec, RunSpec
+from gigagan_train.spec import UPSAMPLER_METRICS, EvalSpec, RunSpec
 
 __all__ = [
+    "FLOOR_SEED",
     "dataset_of",
     "evaluate_checkpoint",
     "evaluate_generator",
     "evaluate_images",
     "format_summary",
+    "quiet_rng",
+    "resolve_cache_dir",
     "scalar_metrics",
 ]
 
 log = logging.getLogger(__name__)
 
 _REAL_CACHE_VERSION = 1
-_FLOOR_SEED = 90_003  # the second real set of the alignment floor: SyntheticShapes seeds
+FLOOR_SEED = 90_003
+"""Layout seed (plus the evaluation seed) of the second real set behind the classifier-FD floor."""
 
 
 class _Alignment:
@@ -130,7 +134,7 @@ class _Alignment:
         self.real_features = torch.cat(feats)
         self.real_accuracy = attribute_accuracy(torch.cat(preds), labels)
         # the floor: a second real set of the generated set's size, from another seed
-        floor_images, _, _ = render_labelled(self.resolution, n, _FLOOR_SEED + spec.seed)
+        floor_images, _, _ = render_labelled(self.resolution, n, FLOOR_SEED + spec.seed)
         self.floor_features = torch.cat(
             [
                 self._read(floor_images[i : i + spec.batch_size])[0]
@@ -299,6 +303,12 @@ class _Evaluation:
         problems = spec.missing_weights()
         if problems:
             raise RunError(problems[0])
+        wrong = [m for m in spec.metrics if m in UPSAMPLER_METRICS]
+        if wrong:
+            raise RunError(
+                f"{', '.join(wrong)} compare an upsampler's output with its ground truth; a "
+                "generator has none (use alignment, fid, kid or clip)"
+            )
         spec.check_files()
         self.spec = spec
         self.dataset = dataset
@@ -346,7 +356,7 @@ class _Evaluation:
 
 
 @contextlib.contextmanager
-def _quiet_rng(device: torch.device) -> Iterator[None]:
+def quiet_rng(device: torch.device) -> Iterator[None]:
     """Leave the global RNG states as they were (an evaluation inside a run must not
     change the run)."""
     devices = [device] if device.type == "cuda" else []
@@ -354,7 +364,7 @@ def _quiet_rng(device: torch.device) -> Iterator[None]:
         yield
 
 
-def _resolve_cache(cache_dir: str | Path | None, spec: EvalSpec) -> Path:
+def resolve_cache_dir(cache_dir: str | Path | None, spec: EvalSpec) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
     if spec.cache_dir is not None:
@@ -389,9 +399,13 @@ def evaluate_generator(
     was_training = generator.training
     generator.eval()
     try:
-        with _quiet_rng(device):
+        with quiet_rng(device):
             evaluation = _Evaluation(
-                dataset, spec, device=device, cache_dir=_resolve_cache(cache_dir, spec), data=data
+                dataset,
+                spec,
+                device=device,
+                cache_dir=resolve_cache_dir(cache_dir, spec),
+                data=data,
             )
             prompts = evaluation.prompts if conditional else None
             for images, texts in generate_images(
@@ -430,9 +444,9 @@ def evaluate_images(
     for ``prompts`` (which should be :func:`eval_prompts`, or ``None`` for unconditional
     images), exactly as :func:`evaluate_generator` scores its own."""
     device = torch.device(device)
-    with _quiet_rng(device):
+    with quiet_rng(device):
         evaluation = _Evaluation(
-            dataset, spec, device=device, cache_dir=_resolve_cache(cache_dir, spec), data=data
+            dataset, spec, device=device, cache_dir=resolve_cache_dir(cache_dir, spec), data=data
         )
         batches = (
             [images[i : i + spec.batch_size] for i in range(0, len(images), spec.batch_size)]
