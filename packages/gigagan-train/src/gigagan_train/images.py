@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
-__all__ = ["grid_image", "save_grid", "to_uint8"]
+__all__ = ["compare_strip", "grid_image", "save_grid", "to_uint8"]
 
 _MIN_CELL = 96  # small images are enlarged (nearest) until a cell is at least this wide
 
@@ -72,3 +72,26 @@ def save_grid(
     path = Path(path)
     grid_image(images, nrow=nrow, captions=captions).save(path, format="PNG")
     return path
+
+
+def compare_strip(panels: Sequence[tuple[str, Image.Image]], *, gap: int = 4) -> Image.Image:
+    """The ``(label, image)`` panels side by side, each resized (nearest) to the largest
+    one's size so pixels stay visible, with its label above it."""
+    if not panels:
+        raise ValueError("compare_strip needs at least one panel")
+    width = max(image.width for _, image in panels)
+    height = max(image.height for _, image in panels)
+    font = ImageFont.load_default()
+    label_h = 16
+    canvas = Image.new(
+        "RGB", (len(panels) * width + (len(panels) - 1) * gap, height + label_h), "white"
+    )
+    draw = ImageDraw.Draw(canvas)
+    for k, (label, image) in enumerate(panels):
+        x = k * (width + gap)
+        shown = image.convert("RGB")
+        if shown.size != (width, height):
+            shown = shown.resize((width, height), Image.Resampling.NEAREST)
+        canvas.paste(shown, (x, label_h))
+        draw.text((x + 2, 2), label, fill="black", font=font)
+    return canvas

@@ -9,8 +9,9 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from gigagan_train.cli.common import UserError, check_regular_file, check_seed, check_writable
+from gigagan_train.images import compare_strip
 from gigagan_train.networks import load_network
-from gigagan_upsampler import upsample
+from gigagan_upsampler import InterpolationUpsampler, from_pil, to_pil, upsample
 
 __all__ = ["add_parser"]
 
@@ -40,6 +41,14 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
         target = out / f"{path.stem}_x{up.scale}.png"
         result.save(target)
         print(f"wrote {target} ({result.width}x{result.height})")
+        if args.compare:
+            bicubic = InterpolationUpsampler(up.scale, "bicubic")(from_pil(image)[None])[0]
+            strip = compare_strip(
+                [("input", image), ("bicubic", to_pil(bicubic)), ("upsampler", result)]
+            )
+            strip_path = out / f"{path.stem}_x{up.scale}_compare.png"
+            strip.save(strip_path)
+            print(f"wrote {strip_path} (input | bicubic | upsampler)")
     return 0
 
 
@@ -52,4 +61,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=int, help="tile side in input pixels (bounds memory)")
     p.add_argument("--prompt", help="caption of the images (text-conditional upsamplers)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also write NAME_xS_compare.png: input (enlarged, nearest) | bicubic | upsampler",
+    )
     p.set_defaults(func=_cmd_upsample)

@@ -26,8 +26,8 @@ class SampleGrids:
     upsampler. The training RNG is left as it was, so writing samples never changes a run.
 
     A generator's grid draws ``prompts`` (or ``sampling.num`` unconditional images) with
-    ``sampling.seed``; an upsampler's shows rows of input (nearest), output and target for
-    eight fixed dataset images."""
+    ``sampling.seed``; an upsampler's shows rows of input (nearest), bicubic, output and target
+    for eight fixed dataset images."""
 
     def __init__(
         self,
@@ -100,9 +100,11 @@ class SampleGrids:
         torch.manual_seed(self.sampling.seed)
         out = pyramid_of(generator(low, texts))[0].float().clamp(-1, 1)
         nearest = F.interpolate(low, size=high.shape[-2:], mode="nearest")
-        # rows of three: input (nearest), output, target
-        grid = torch.stack([nearest, out, high], dim=1).flatten(0, 1)
-        captions = None
+        bicubic = F.interpolate(low, size=high.shape[-2:], mode="bicubic", align_corners=False)
+        # rows of four: input (nearest), bicubic, output, target
+        grid = torch.stack([nearest, bicubic.clamp(-1, 1), out, high], dim=1).flatten(0, 1)
+        parts = ("input", "bicubic", "output", "target")
+        captions = [f"[{part}]" for _ in range(len(high)) for part in parts]
         if texts is not None:
-            captions = [f"{c} [{part}]" for c in texts for part in ("input", "output", "target")]
-        return grid, captions, 3
+            captions = [f"{c} [{part}]" for c in texts for part in parts]
+        return grid, captions, len(parts)
