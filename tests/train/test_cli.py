@@ -60,7 +60,9 @@ def test_spec_prints_a_preset_that_validates(capsys, tmp_path: Path):
     (tmp_path / "run.toml").write_text(text)
     assert load_spec(tmp_path / "run.toml", RunSpec).name == "demo"
     assert main(["spec", "nope"]) == 2
-    assert capsys.readouterr().err == "error: no preset named 'nope'; presets: demo\n"
+    assert (
+        capsys.readouterr().err == "error: no preset named 'nope'; presets: demo, upsample-demo\n"
+    )
 
 
 def test_train_dry_run_on_the_default_writes_spec_and_sample_grid(capsys, tmp_path: Path):

@@ -217,10 +217,33 @@ def test_upsample_end_to_end_with_tiles(tmp_path: Path):
         "16",
         "--prompt",
         "a red square",
+        "--compare",
     )
     assert result.returncode == 0, result.stderr
     big = Image.open(tmp_path / "big" / "small_x4.png")
     assert big.size == (160, 96)
+    # the comparison strip: input (enlarged), bicubic, upsampler, each at the output size
+    strip = Image.open(tmp_path / "big" / "small_x4_compare.png")
+    assert strip.size == (3 * 160 + 2 * 4, 96 + 16)
+    assert strip.getpixel((80, 16 + 48)) == (200, 30, 30)  # the input panel, nearest
+    assert strip.crop((2 * 164, 16, 2 * 164 + 160, 112)).tobytes() == big.tobytes()
+    # gigagan eval scores it beside bicubic and bilinear on held-out pairs, in one JSON
+    out = tmp_path / "eval.json"
+    result = gigagan(
+        "eval", str(run), "--n", "4", "--metrics", "psnr", "ssim",
+        "--baselines", "bicubic", "bilinear", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "ours" in result.stdout and "bilinear" in result.stdout
+    scores = json.loads(out.read_text())
+    assert set(scores["methods"]) == {"upsampler", "bicubic", "bilinear"}
+    assert scores["held_out"] is True and scores["n"] == 4 and scores["step"] == 1
+    assert all(set(m) == {"psnr", "ssim"} for m in scores["methods"].values())
+    assert scores["caption"]["mean_abs_change"] >= 0
+    _one_line_error(
+        gigagan("eval", str(run), "--metrics", "lpips", "--n", "4"),
+        "LPIPS needs --lpips-backbone-weights",
+    )
     # a text-to-image checkpoint is not an upsampler, and a corrupt image is named
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     _one_line_error(
@@ -228,6 +251,13 @@ def test_upsample_end_to_end_with_tiles(tmp_path: Path):
         "broken.png",
         "not a readable image",
     )
+
+
+def test_eval_of_a_generator_refuses_the_upsampler_options(trained: Path, capsys):
+    assert main(["eval", str(trained), "--baselines", "bicubic", "--n", "4"]) == 2
+    _one_line_error(capsys.readouterr().err, "--baselines", "holds a generator")
+    assert main(["eval", str(trained), "--metrics", "psnr", "--n", "4"]) == 2
+    _one_line_error(capsys.readouterr().err, "psnr compare an upsampler's output")
 
 
 def test_upsample_refuses_a_generator_checkpoint(trained: Path, tmp_path: Path, capsys):

@@ -286,7 +286,28 @@ def test_tiny_upsampler_run_trains_on_low_high_pairs(tmp_path, caplog):
     config = json.loads((ckpt / "G_ema" / "config.json").read_text())
     assert config["kind"] == "gigagan-upsampler"
     grid = Image.open(tmp_path / "up" / "samples" / "step-000002.png")
-    assert grid.size[0] > 3 * 64  # rows of input / output / target
+    assert grid.size[0] > 4 * 96  # rows of input / bicubic / output / target
+    captions = json.loads((tmp_path / "up" / "samples" / "step-000002.json").read_text())
+    assert [c.rsplit(" ", 1)[1] for c in captions["captions"][:4]] == [
+        "[input]",
+        "[bicubic]",
+        "[output]",
+        "[target]",
+    ]
+
+
+def test_a_pixel_only_upsampler_run_trains_g_and_never_touches_d(tmp_path):
+    spec = RunSpec.model_validate(
+        tiny_upsampler_run(losses=[{"kind": "pixel", "norm": "l1"}], steps=3)
+    )
+    trainer = Trainer(spec, tmp_path / "up")
+    d_before = {k: v.clone() for k, v in trainer.D.state_dict().items()}
+    g_before = {k: v.clone() for k, v in trainer.G.state_dict().items()}
+    trainer.fit()
+    assert all(torch.equal(v, trainer.D.state_dict()[k]) for k, v in d_before.items())
+    assert not all(torch.equal(v, trainer.G.state_dict()[k]) for k, v in g_before.items())
+    rows = _metrics(tmp_path / "up")
+    assert rows[0]["G/pixel"] > 0 and not any(k.startswith("D/") for k in rows[0])
 
 
 def test_tensorboard_events_when_installed(make_spec, tmp_path):

@@ -333,7 +333,7 @@ def test_save_and_load_round_trip(local_spec, wake_noise, tmp_path):
 
 
 def test_preset_names_and_unknown_name():
-    assert upsampler_preset_names() == ["128-1024", "64-512", "tiny"]
+    assert upsampler_preset_names() == ["128-1024", "64-512", "cpu-demo", "tiny"]
     with pytest.raises(ValueError, match="unknown upsampler preset 'huge'; presets: 128-1024"):
         load_upsampler_preset("huge")
 

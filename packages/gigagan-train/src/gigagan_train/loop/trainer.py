@@ -278,7 +278,11 @@ class Trainer:
         # D phase: G is fixed, its fakes are made without a graph.
         self._train(self.D, *self.replicas.d_side)
         d_adam, g_adam = spec.optimizer.discriminator, spec.optimizer.generator
-        fakes = phases.run("D", self.d_losses, micro, self.opt_D, d_adam, result, step=state.step)
+        fakes = None  # a run without D losses (a pixel-only upsampler) makes none here
+        if self.d_losses:
+            fakes = phases.run(
+                "D", self.d_losses, micro, self.opt_D, d_adam, result, step=state.step
+            )
         # Lazy regulariser: its own D step every `interval` steps, in float32 (R1's double
         # backward through attention is not autocast).
         if self.lazy_losses and state.step % self.reg_interval == 0:

@@ -1,6 +1,7 @@
 """Upsampler presets: an upsampler spec and the MS-I/O discriminator that judges its pyramid.
 
-``tiny`` (16 -> 64 px, tests), ``64-512`` and ``128-1024`` (the paper's two configurations,
+``tiny`` (16 -> 64 px, tests), ``cpu-demo`` (16 -> 64 px, sized for 2 CPU cores: the
+``upsample-demo`` run), ``64-512`` and ``128-1024`` (the paper's two configurations,
 8x each; apply twice to go further). A preset file is TOML with a ``description``, an
 ``[upsampler]`` table and an optional ``[discriminator]`` table; ``load_upsampler_preset``
 also accepts the path of such a file.
