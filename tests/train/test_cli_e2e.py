@@ -244,6 +244,16 @@ def test_upsample_end_to_end_with_tiles(tmp_path: Path):
         gigagan("eval", str(run), "--metrics", "lpips", "--n", "4"),
         "LPIPS needs --lpips-backbone-weights",
     )
+    # a folder of one's own uncaptioned images: pairs by downsampling, read at 64 px
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (80, 70), (40 * i, 90, 200)).save(photos / f"p{i}.png")
+    result = gigagan("eval", str(run), "--data", str(photos), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(out.read_text())
+    assert scores["held_out"] is False and scores["n"] == 3 and scores["resolution"] == 64
+    assert set(scores["methods"]["upsampler"]) == {"psnr", "ssim"}
     # a text-to-image checkpoint is not an upsampler, and a corrupt image is named
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     _one_line_error(

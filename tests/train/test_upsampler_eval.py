@@ -145,3 +145,69 @@ def test_a_generator_evaluation_refuses_the_upsampler_metrics(cache):
     images = torch.zeros(4, 3, 16, 16)
     with pytest.raises(RunError, match="psnr compare an upsampler's output"):
         evaluate_images(images, None, DATA, EvalSpec(metrics=("psnr",), n=4), cache_dir=cache)
+
+
+def test_lpips_fid_and_kid_on_an_image_folder_of_ones_own(cache, tmp_path):
+    """A user's folder (pairs by downsampling, not held out), with random-weight LPIPS and
+    Inception files in the formats the options name."""
+    from unittest import mock
+
+    import numpy as np
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    import torchvision
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize((32, 32), Image.Resampling.BILINEAR).save(
+            photos / f"{i}.png"
+        )
+    torch.manual_seed(0)
+    alex = torchvision.models.alexnet(weights=None)
+    torch.save({f"features.{k}": v for k, v in alex.features.state_dict().items()},
+               tmp_path / "alex.pth")  # fmt: skip
+    linear = {
+        f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1)
+        for k, c in enumerate((64, 192, 384, 256, 256))
+    }
+    torch.save(linear, tmp_path / "lin.pth")
+    with (
+        mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}),
+        mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda *a, **k: None),
+    ):
+        inception = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["64"])
+    torch.save(inception.state_dict(), tmp_path / "inception.pt")
+
+    spec = EvalSpec(
+        metrics=("psnr", "lpips", "fid", "kid"),
+        n=6,
+        batch_size=4,
+        lpips_backbone="alex",
+        lpips_backbone_weights=str(tmp_path / "alex.pth"),
+        lpips_linear_weights=str(tmp_path / "lin.pth"),
+        inception_weights=str(tmp_path / "inception.pt"),
+        inception_features=64,
+        kid_subsets=3,
+        kid_subset_size=4,
+    )
+    folder = ImageFolderSpec(path=str(photos), resolution=32, missing_caption="empty")
+    result = evaluate_upsampler(
+        InterpolationUpsampler(2, "bicubic"),
+        folder,
+        spec,
+        baselines=("bicubic", "nearest"),
+        cache_dir=cache,
+    )
+    ours, bicubic, nearest = (result["methods"][k] for k in ("upsampler", "bicubic", "nearest"))
+    assert ours == bicubic and result["held_out"] is False and result["n"] == 6
+    assert set(ours) == {"psnr", "lpips", "fid", "kid"}
+    assert ours["lpips"] > 0 and ours["lpips"] != nearest["lpips"]
+    assert ours["fid"] >= 0 and ours["fid"] != nearest["fid"]
+    assert result["lpips"]["backbone"] == "alex"
+    assert {"lpips", "inception"} <= set(result)
+    lines = format_upsampler_summary(result)
+    assert "6 pairs, 16 -> 32 px (x2)" in lines[1]
+    assert any(line.strip().startswith("LPIPS") for line in lines)

@@ -46,6 +46,7 @@ from torchmetrics.functional.image import (
 from gigagan_core.specs import ComponentSpec
 from gigagan_losses.lpips import LPIPS
 from gigagan_train.checkpoint import TRAINER_FILE, find_checkpoint, read_trainer_state
+from gigagan_train.data.folder import ImageFolderSpec
 from gigagan_train.errors import RunError
 from gigagan_train.evaluation.alignment import (
     attribute_accuracy,
@@ -454,7 +455,8 @@ def evaluate_upsampler_checkpoint(
     checkpoint is used, or a saved upsampler folder) beside ``baselines``.
 
     ``data``: where the pairs come from: a dataset spec, a run spec file or preset name, or
-    an image folder (read at the upsampler's output resolution); ``None``: the held-out
+    an image folder (read at the upsampler's output resolution; images without a caption
+    get the empty one); ``None``: the held-out
     counterpart of the checkpoint's own dataset (see :func:`evaluate_upsampler`)."""
     folder = Path(path)
     checkpoint: Path | None = None
@@ -469,7 +471,14 @@ def evaluate_upsampler_checkpoint(
     upsampler = load_network(str(checkpoint if checkpoint is not None else folder), "upsampler")
     upsampler = upsampler.to(torch_device)
     out_size = getattr(getattr(upsampler, "spec", None), "output_resolution", None)
-    dataset = dataset_of(data, checkpoint, out_size if isinstance(out_size, int) else None)
+    if isinstance(data, str | Path) and Path(data).is_dir():
+        # a folder of one's own photographs: captions where it has them, else empty ones
+        fields: dict[str, Any] = {"path": str(data), "missing_caption": "empty"}
+        if isinstance(out_size, int):
+            fields["resolution"] = out_size
+        dataset: ComponentSpec = ImageFolderSpec.model_validate(fields)
+    else:
+        dataset = dataset_of(data, checkpoint, out_size if isinstance(out_size, int) else None)
     result = evaluate_upsampler(
         upsampler,
         dataset,
