@@ -172,3 +172,22 @@ def test_a_batch_size_beyond_any_memory_is_refused_by_the_spec():
         RunSpec.model_validate({**tiny_run(), "batch_size": 10**30})
     assert RunSpec.model_validate({**tiny_run(), "batch_size": 4}).batch_size == 4
     assert MAX_BATCH == 2**20
+
+
+def test_a_worker_count_beyond_any_machine_is_refused_by_the_spec(tmp_path, capsys):
+    import json
+
+    from pydantic import ValidationError
+
+    from gigagan_train.cli import main
+    from gigagan_train.spec import RunSpec
+
+    with pytest.raises(ValidationError, match=r"num_workers\n.*less than or equal to 1024"):
+        RunSpec.model_validate({**tiny_run(), "num_workers": 10**30})
+    assert RunSpec.model_validate({**tiny_run(), "num_workers": 2}).num_workers == 2
+    spec = tmp_path / "run.json"
+    spec.write_text(json.dumps({**tiny_run(), "num_workers": 10**30}))
+    assert main(["train", str(spec), "--out", str(tmp_path / "r"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {spec}: invalid RunSpec spec") and "num_workers" in err
+    assert "Traceback" not in err

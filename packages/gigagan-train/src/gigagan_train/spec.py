@@ -66,6 +66,8 @@ __all__ = [
 
 # A bound on batch sizes, far above any machine's memory, so a typo is named at once.
 MAX_BATCH = 2**20
+# A bound on data-loading processes (a typo such as 10**30 would hang forking them).
+MAX_WORKERS = 1024
 
 # Counts and sizes are strict: TOML's `true` or JSON's "8" is an error, not 1 or 8.
 Count = Annotated[int, Field(strict=True, ge=1)]
@@ -381,7 +383,9 @@ class RunSpec(BaseModel):
     batch_size: Count = Field(
         8, le=MAX_BATCH, description="Images per step on each process (at most 2**20)."
     )
-    num_workers: NonNegative = Field(0, description="DataLoader worker processes.")
+    num_workers: NonNegative = Field(
+        0, le=MAX_WORKERS, description=f"DataLoader worker processes (<= {MAX_WORKERS})."
+    )
     text_cache: bool = Field(
         False,
         description="Encode each caption once with the frozen text encoder and read its "
