@@ -254,6 +254,7 @@ def test_upsample_end_to_end_with_tiles(tmp_path: Path):
     scores = json.loads(out.read_text())
     assert scores["held_out"] is False and scores["n"] == 3 and scores["resolution"] == 64
     assert set(scores["methods"]["upsampler"]) == {"psnr", "ssim"}
+    assert "caption" not in scores  # uncaptioned: no wrong caption to try
     # a text-to-image checkpoint is not an upsampler, and a corrupt image is named
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     _one_line_error(

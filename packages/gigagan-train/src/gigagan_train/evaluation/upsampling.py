@@ -24,7 +24,8 @@ baseline (``bicubic`` by default; ``bilinear``, ``nearest``):
     the attribute accuracy of the outputs against their captions.
 
 A text-conditional upsampler is also run with a wrong caption per image (another image's,
-different from its own): the result's ``caption`` section gives the mean absolute change of
+different from its own; skipped when the pairs carry fewer than two distinct captions): the
+result's ``caption`` section gives the mean absolute change of
 the output, the PSNR with the right and the wrong caption, and the share of images the right
 caption serves better.
 """
@@ -350,7 +351,7 @@ def evaluate_upsampler(
         seed=spec.seed,
         metrics=list(spec.metrics),
         dataset=pairs.model_dump(mode="json"),
-        held_out=pairs is not dataset,
+        held_out=data is None and pairs is not dataset,
         baselines=list(baselines),
         upsampler={
             "class": type(upsampler).__name__,
@@ -381,6 +382,7 @@ def _score(
     wrong_psnr: list[Tensor] = []
     change: list[Tensor] = []
     n = resolution = 0
+    check_captions = conditional and len(set(real.captions)) > 1
     for k, high in enumerate(real.batches(spec.batch_size)):
         side = high.shape[-1], high.shape[-2]
         if any(s % (scale * multiple) for s in side):
@@ -404,7 +406,7 @@ def _score(
         for name, run in methods.items():
             images = run(low, list(captions), seed)
             metrics.add(scores[name], images, high)
-            if name == "upsampler" and conditional:
+            if name == "upsampler" and check_captions:
                 other = run(low, wrong_captions(captions), seed)
                 right_psnr.append(_psnr(images, high))
                 wrong_psnr.append(_psnr(other, high))
@@ -431,7 +433,7 @@ def _score(
             torch.cat(truth.classifier), torch.cat([f for f in floor if f is not None])
         )
         out["floor"] = {"classifier_fd": floor_fd}
-    if conditional:
+    if check_captions:
         right, wrong = torch.cat(right_psnr), torch.cat(wrong_psnr)
         out["caption"] = {
             "mean_abs_change": float(torch.cat(change).mean()),
