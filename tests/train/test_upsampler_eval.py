@@ -72,16 +72,22 @@ def _psnr(x: Tensor, y: Tensor) -> Tensor:
     return 10 * torch.log10(1 / mse)
 
 
-def test_bicubic_scored_as_an_upsampler_equals_the_bicubic_baseline(cache):
-    spec = EvalSpec(metrics=("psnr", "ssim", "alignment"), n=24, batch_size=10, seed=3)
+def _bicubic_as_an_upsampler(data: Any, spec: EvalSpec, cache: Any) -> tuple[dict, ...]:
+    """Bicubic scored as the upsampler beside the bicubic and nearest baselines: the result
+    and the three methods' figures."""
     result = evaluate_upsampler(
         InterpolationUpsampler(2, "bicubic"),
-        DATA,
+        data,
         spec,
         baselines=("bicubic", "nearest"),
         cache_dir=cache,
     )
-    ours, bicubic, nearest = (result["methods"][k] for k in ("upsampler", "bicubic", "nearest"))
+    return result, *(result["methods"][k] for k in ("upsampler", "bicubic", "nearest"))
+
+
+def test_bicubic_scored_as_an_upsampler_equals_the_bicubic_baseline(cache):
+    spec = EvalSpec(metrics=("psnr", "ssim", "alignment"), n=24, batch_size=10, seed=3)
+    result, ours, bicubic, nearest = _bicubic_as_an_upsampler(DATA, spec, cache)
     assert ours == bicubic
     assert result["held_out"] is True and result["n"] == 24
     assert (result["resolution"], result["input_resolution"], result["scale"]) == (16, 8, 2)
@@ -194,14 +200,7 @@ def test_lpips_fid_and_kid_on_an_image_folder_of_ones_own(cache, tmp_path):
         kid_subset_size=4,
     )
     folder = ImageFolderSpec(path=str(photos), resolution=32, missing_caption="empty")
-    result = evaluate_upsampler(
-        InterpolationUpsampler(2, "bicubic"),
-        folder,
-        spec,
-        baselines=("bicubic", "nearest"),
-        cache_dir=cache,
-    )
-    ours, bicubic, nearest = (result["methods"][k] for k in ("upsampler", "bicubic", "nearest"))
+    result, ours, bicubic, nearest = _bicubic_as_an_upsampler(folder, spec, cache)
     assert ours == bicubic and result["held_out"] is False and result["n"] == 6
     assert set(ours) == {"psnr", "lpips", "fid", "kid"}
     assert ours["lpips"] > 0 and ours["lpips"] != nearest["lpips"]

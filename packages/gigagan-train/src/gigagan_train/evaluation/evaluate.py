@@ -77,11 +77,13 @@ from gigagan_train.spec import UPSAMPLER_METRICS, EvalSpec, RunSpec
 
 __all__ = [
     "FLOOR_SEED",
+    "checkpoint_record",
     "dataset_of",
     "evaluate_checkpoint",
     "evaluate_generator",
     "evaluate_images",
     "format_summary",
+    "locate_checkpoint",
     "quiet_rng",
     "resolve_cache_dir",
     "scalar_metrics",
@@ -506,15 +508,7 @@ def evaluate_checkpoint(
     The result also names the checkpoint and its step (see :func:`evaluate_generator`).
     """
     spec = spec or EvalSpec()
-    folder = Path(path)
-    checkpoint: Path | None = None
-    step: int | None = None
-    if not (folder / "config.json").is_file():
-        checkpoint = find_checkpoint(folder)
-        step = int(read_trainer_state(checkpoint)["step"])
-    elif (folder.parent / TRAINER_FILE).is_file():  # the G_ema folder of a checkpoint
-        checkpoint = folder.parent
-        step = int(read_trainer_state(checkpoint)["step"])
+    folder, checkpoint, step = locate_checkpoint(path)
     torch_device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     generator = load_network(str(checkpoint if checkpoint is not None else folder), "generator")
     generator = generator.to(torch_device)
@@ -523,14 +517,33 @@ def evaluate_checkpoint(
     result = evaluate_generator(
         generator, dataset, spec, device=torch_device, step=step, cache_dir=cache_dir
     )
+    result["checkpoint"] = checkpoint_record(folder, checkpoint, step)
+    return result
+
+
+def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None, int | None]:
+    """What ``path`` names (a checkpoint, a run folder, a checkpoint's ``G_ema`` folder or a
+    saved network folder) as ``(folder, checkpoint, step)``: the checkpoint and its step are
+    None for a saved network outside any checkpoint."""
+    folder = Path(path)
+    checkpoint: Path | None = None
+    if not (folder / "config.json").is_file():
+        checkpoint = find_checkpoint(folder)
+    elif (folder.parent / TRAINER_FILE).is_file():  # the G_ema folder of a checkpoint
+        checkpoint = folder.parent
+    step = int(read_trainer_state(checkpoint)["step"]) if checkpoint is not None else None
+    return folder, checkpoint, step
+
+
+def checkpoint_record(folder: Path, checkpoint: Path | None, step: int | None) -> dict[str, Any]:
+    """The ``checkpoint`` entry of a result: its path, step and the sha256 of G-EMA's weights."""
     model_folder = (checkpoint / "G_ema") if checkpoint is not None else folder
     weights = model_folder / "model.safetensors"
-    result["checkpoint"] = {
+    return {
         "path": str(checkpoint if checkpoint is not None else folder),
         "step": step,
         **({"G_ema_sha256": file_sha256(weights)} if weights.is_file() else {}),
     }
-    return result
 
 
 def scalar_metrics(result: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:

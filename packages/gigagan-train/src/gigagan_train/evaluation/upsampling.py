@@ -46,7 +46,6 @@ from torchmetrics.functional.image import (
 
 from gigagan_core.specs import ComponentSpec
 from gigagan_losses.lpips import LPIPS
-from gigagan_train.checkpoint import TRAINER_FILE, find_checkpoint, read_trainer_state
 from gigagan_train.data.folder import ImageFolderSpec
 from gigagan_train.errors import RunError
 from gigagan_train.evaluation.alignment import (
@@ -55,8 +54,15 @@ from gigagan_train.evaluation.alignment import (
     parse_captions,
     render_labelled,
 )
-from gigagan_train.evaluation.cache import file_identity, file_sha256
-from gigagan_train.evaluation.evaluate import FLOOR_SEED, dataset_of, quiet_rng, resolve_cache_dir
+from gigagan_train.evaluation.cache import file_identity
+from gigagan_train.evaluation.evaluate import (
+    FLOOR_SEED,
+    checkpoint_record,
+    dataset_of,
+    locate_checkpoint,
+    quiet_rng,
+    resolve_cache_dir,
+)
 from gigagan_train.evaluation.inception import inception_features, load_inception
 from gigagan_train.evaluation.metrics import frechet_distance, kernel_inception_distance
 from gigagan_train.evaluation.samples import build_dataset, draw_real
@@ -460,15 +466,7 @@ def evaluate_upsampler_checkpoint(
     an image folder (read at the upsampler's output resolution; images without a caption
     get the empty one); ``None``: the held-out
     counterpart of the checkpoint's own dataset (see :func:`evaluate_upsampler`)."""
-    folder = Path(path)
-    checkpoint: Path | None = None
-    step: int | None = None
-    if not (folder / "config.json").is_file():
-        checkpoint = find_checkpoint(folder)
-        step = int(read_trainer_state(checkpoint)["step"])
-    elif (folder.parent / TRAINER_FILE).is_file():  # the G_ema folder of a checkpoint
-        checkpoint = folder.parent
-        step = int(read_trainer_state(checkpoint)["step"])
+    folder, checkpoint, step = locate_checkpoint(path)
     torch_device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     upsampler = load_network(str(checkpoint if checkpoint is not None else folder), "upsampler")
     upsampler = upsampler.to(torch_device)
@@ -490,13 +488,7 @@ def evaluate_upsampler_checkpoint(
         step=step,
         cache_dir=cache_dir,
     )
-    model = (checkpoint / "G_ema") if checkpoint is not None else folder
-    weights = model / "model.safetensors"
-    result["checkpoint"] = {
-        "path": str(checkpoint if checkpoint is not None else folder),
-        "step": step,
-        **({"G_ema_sha256": file_sha256(weights)} if weights.is_file() else {}),
-    }
+    result["checkpoint"] = checkpoint_record(folder, checkpoint, step)
     return result
 
 

@@ -17,6 +17,7 @@ from gigagan_train.data.batches import first_items, is_iterable
 from gigagan_train.images import save_grid
 from gigagan_train.networks import downsample, pyramid_of
 from gigagan_train.spec import SamplingSpec
+from gigagan_upsampler.interpolate import InterpolationUpsampler
 
 __all__ = ["SampleGrids"]
 
@@ -100,9 +101,9 @@ class SampleGrids:
         torch.manual_seed(self.sampling.seed)
         out = pyramid_of(generator(low, texts))[0].float().clamp(-1, 1)
         nearest = F.interpolate(low, size=high.shape[-2:], mode="nearest")
-        bicubic = F.interpolate(low, size=high.shape[-2:], mode="bicubic", align_corners=False)
+        bicubic = InterpolationUpsampler(int(getattr(generator, "scale", 1)), "bicubic")(low)
         # rows of four: input (nearest), bicubic, output, target
-        grid = torch.stack([nearest, bicubic.clamp(-1, 1), out, high], dim=1).flatten(0, 1)
+        grid = torch.stack([nearest, bicubic, out, high], dim=1).flatten(0, 1)
         parts = ("input", "bicubic", "output", "target")
         captions = [f"[{part}]" for _ in range(len(high)) for part in parts]
         if texts is not None:
