@@ -32,13 +32,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import Tensor
 
+from gigagan_core.errors import InputError
 from gigagan_core.frozen import trainable_parameters
 from gigagan_core.nets import MultiScaleDiscriminator
 from gigagan_core.plugins import get_registry
 from gigagan_core.presets import load_preset
 from gigagan_train.data.synthetic import COLOURS, SHAPES, SyntheticShapes
+from gigagan_train.evaluation.alignment import parse_caption
 from race_vs_baseline import DATA, CaptionEmbedding, PlainDiscriminator
 
 ATTRIBUTES = ("foreground", "shape", "background")
@@ -49,15 +52,13 @@ def caption(fg: str, bg: str, shape: str) -> str:
     return SyntheticShapes._caption(fg, bg, shape)
 
 
-def parse(text: str) -> tuple[str, str, str]:
-    """``(fg, bg, shape)`` of a synthetic-shapes caption (``a red circle on a blue background``)."""
-    words = text.split(" ")
-    return words[1], words[5], words[2]
-
-
 def swap_one(text: str, rng: random.Random) -> tuple[str, int]:
     """The caption with one attribute replaced by another valid value, and which one."""
-    fg, bg, shape = parse(text)
+    parsed = parse_caption(text)
+    if parsed is None:
+        raise ValueError(f"not a synthetic-shapes caption: {text!r}")
+    names = list(COLOURS)
+    fg, shape, bg = names[parsed[0]], SHAPES[parsed[1]], names[parsed[2]]
     which = rng.randrange(3)
     colours = [c for c in COLOURS if c not in (fg, bg)]
     if which == 0:
@@ -176,8 +177,15 @@ def main() -> None:
     if not isinstance(overrides, dict):
         parser.error("--d must be a JSON object of discriminator spec fields")
     torch.set_num_threads(args.threads)
-    preset = load_preset(args.model_preset)
-    assert preset.generator.text_encoder is not None
+    try:
+        preset = load_preset(args.model_preset)
+        type(preset.discriminator).model_validate(
+            {**preset.discriminator.model_dump(), **overrides}
+        )
+    except (InputError, ValidationError) as err:
+        parser.error(" ".join(str(err).split()))
+    if preset.generator.text_encoder is None:
+        parser.error(f"model preset {args.model_preset!r} has no text encoder to probe with")
     encoder = get_registry().build(preset.generator.text_encoder).eval()
     rows = [
         run_side(side, args, encoder, overrides)
