@@ -171,6 +171,29 @@ class Ours:
         self.adversarial.weighted_total(self._context("G", real, fake)).backward()
         self.opt_G.step()
 
+    def user_train_step(self, real) -> None:
+        """The same step as a user would write it over the library's G and D: one D call
+        for the fakes and one for the reals, the non-saturating loss by hand."""
+        import torch
+        import torch.nn.functional as F
+
+        def total(output, sign: float):
+            return sum(F.softplus(sign * output[pair]).mean() for pair in output.pairs())
+
+        _set_trainable(self.G, False)
+        _set_trainable(self.D, True)
+        with torch.no_grad():
+            fake = self.generate(real.shape[0])
+        self.opt_D.zero_grad(set_to_none=True)
+        (total(self.D(fake), 1.0) + total(self.D(real), -1.0)).backward()
+        self.opt_D.step()
+
+        _set_trainable(self.D, False)
+        _set_trainable(self.G, True)
+        self.opt_G.zero_grad(set_to_none=True)
+        total(self.D(self.generate(real.shape[0])), -1.0).backward()
+        self.opt_G.step()
+
     def r1_step(self, real) -> None:
         _set_trainable(self.D, True)
         self.opt_D.zero_grad(set_to_none=True)
@@ -180,6 +203,39 @@ class Ours:
         fake = build_pyramid(real, len(self.D.resolutions))
         self.r1.weighted_total(self._context("D", real, fake, step=0)).backward()
         self.opt_D.step()
+
+
+class OursTrainer:
+    """The same G, D, loss and optimisers inside ``gigagan_train``'s Trainer: one call of
+    :meth:`~gigagan_train.Trainer.train_step` per step (D phase, G phase, G-EMA update)."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        from gigagan_train import RunSpec
+        from gigagan_train.loop import Trainer
+
+        ours = Ours()
+        adam = {"lr": LR, "betas": list(BETAS)}
+        spec = RunSpec.model_validate(
+            {
+                "name": "bench",
+                "generator": ours.G.spec.model_dump(),
+                "discriminator": ours.D.spec.model_dump(),
+                "dataset": {"kind": "synthetic-shapes", "resolution": RESOLUTION, "size": 64},
+                "losses": [{"kind": "adversarial"}],
+                "batch_size": BATCH,
+                "steps": 10,
+                "optimizer": {"generator": adam, "discriminator": adam},
+                "device": "cpu",
+            }
+        )
+        self._folder = tempfile.TemporaryDirectory()
+        self.trainer = Trainer(spec, out=self._folder.name)
+        self.G, self.D = self.trainer.G, self.trainer.D
+
+    def train_step(self, real) -> None:
+        self.trainer.train_step({"image": real, "caption": [""] * real.shape[0]})
 
 
 class Reference:
@@ -297,7 +353,12 @@ def worker(side: str, what: str, rounds: int) -> dict[str, float]:
         return {"gemm_flops": gemm_rate()}
     if what == "attention":
         return attention_worker(rounds)
-    model = Ours(checkpointing=what == "train-ckpt") if side == "ours" else Reference()
+    if side == "ref":
+        model = Reference()
+    elif what == "train-trainer":
+        model = OursTrainer()
+    else:
+        model = Ours(checkpointing=what == "train-ckpt")
     out: dict[str, float] = {"threads": torch.get_num_threads()}
     if what == "size":
         out["g_params"] = _trainable(model.G)
@@ -313,12 +374,19 @@ def worker(side: str, what: str, rounds: int) -> dict[str, float]:
                 model.generate(BATCH)
 
         out["flops"] = _count_flops(step)
-    elif what in ("train", "train-ckpt"):
+    elif what in ("train", "train-ckpt", "train-trainer"):
         model.G.train()
         model.D.train()
 
         def step() -> None:
             model.train_step(real)
+
+    elif what == "train-user":
+        model.G.train()
+        model.D.train()
+
+        def step() -> None:
+            model.user_train_step(real)
 
     elif what == "r1":
         model.D.train()
@@ -380,6 +448,10 @@ def attention_worker(rounds: int) -> dict[str, float]:
 # ---- the driver ----------------------------------------------------------------------------
 
 
+MEASUREMENTS = ("gforward", "train", "train-ckpt", "train-user", "train-trainer", "r1")
+OURS_ONLY = ("train-ckpt", "train-user", "train-trainer")
+"""Our variants of the training step; each is compared with the reference's one step."""
+
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 """glibc serves every allocation of 64 KiB or more with its own mapping and unmaps it on
 free, so RSS follows the live tensors instead of what the allocator keeps cached."""
@@ -431,18 +503,18 @@ def main() -> None:
     gemm: list[float] = []
     for repeat in range(args.repeats):
         gemm.append(_run(pythons["ours"], "ours", "gemm", 0)["gemm_flops"])
-        for what in ("gforward", "train", "train-ckpt", "r1"):
+        for what in MEASUREMENTS:
             order = ("ours", "ref") if repeat % 2 == 0 else ("ref", "ours")
             for side in order:
-                if what == "train-ckpt" and side == "ref":
-                    continue  # the reference has no such switch; compared with its plain step
+                if what in OURS_ONLY and side == "ref":
+                    continue  # compared with the reference's plain step
                 rounds = args.rounds if what != "gforward" else 3 * args.rounds
                 results.setdefault((side, what), []).append(_run(pythons[side], side, what, rounds))
         gemm.append(_run(pythons["ours"], "ours", "gemm", 0)["gemm_flops"])
     live: dict[tuple[str, str], float] = {}
-    for what in ("gforward", "train", "train-ckpt", "r1"):
+    for what in MEASUREMENTS:
         for side in ("ours", "ref"):
-            if what == "train-ckpt" and side == "ref":
+            if what in OURS_ONLY and side == "ref":
                 continue
             run = _run(pythons[side], side, what, 1, LIVE_MEMORY_ENV)
             live[(side, what)] = run["peak_mib"]
@@ -454,6 +526,8 @@ def main() -> None:
         ("G forward", "gforward", "gforward"),
         ("G+D training step", "train", "train"),
         ("  with checkpointing", "train-ckpt", "train"),
+        ("  user-written loop", "train-user", "train"),
+        ("  in the Trainer", "train-trainer", "train"),
         ("lazy R1 step", "r1", "r1"),
     ]
     print(

@@ -1,5 +1,6 @@
-"""The activation-checkpointing switch of the generator and discriminator specs: the same
-values and gradients (the same random noise is redrawn), less kept for the backward pass."""
+"""The activation-checkpointing switch of the generator and discriminator specs (every level,
+or a list of levels): the same values and gradients (the same random noise is redrawn), less
+kept for the backward pass."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from gigagan_core.nets.generator import SynthesisLevel
 F64 = torch.float64
 
 
-def _generator(checkpointing: bool) -> Generator:
+def _generator(checkpointing: bool | tuple[int, ...]) -> Generator:
     torch.manual_seed(0)
     levels = tuple(
         SynthesisLevel(resolution=r, channels=8, blocks=2, num_kernels=2, self_attention=r == 8)
@@ -27,7 +28,7 @@ def _generator(checkpointing: bool) -> Generator:
     return Generator.from_spec(spec).double()
 
 
-def _discriminator(checkpointing: bool) -> MultiScaleDiscriminator:
+def _discriminator(checkpointing: bool | tuple[int, ...]) -> MultiScaleDiscriminator:
     torch.manual_seed(0)
     spec = MultiScaleDiscriminatorSpec(
         resolution=16,
@@ -111,3 +112,26 @@ def test_checkpointing_is_off_by_default_and_only_acts_while_training(which):
     plain.eval()
     ckpt.eval()  # evaluation with gradients (e.g. a metric's backward) keeps everything
     assert run(ckpt)[2] == run(plain)[2]
+
+
+@pytest.mark.parametrize("which", ["generator", "discriminator"])
+def test_checkpointing_listed_levels_only_saves_between_none_and_all(which):
+    build, run = (_generator, _run_g) if which == "generator" else (_discriminator, _run_d)
+    plain, some, every = build(False), build((16,)), build(True)
+    some.load_state_dict(plain.state_dict())
+    every.load_state_dict(plain.state_dict())
+    out, grads, saved = run(plain)
+    out_s, grads_s, saved_s = run(some)
+    torch.testing.assert_close(out_s, out, rtol=1e-12, atol=1e-12)
+    for name in grads:
+        torch.testing.assert_close(grads_s[name], grads[name], rtol=1e-10, atol=1e-12)
+    assert run(every)[2] < saved_s < saved
+
+
+@pytest.mark.parametrize(
+    ("spec_class", "what"),
+    [(GeneratorSpec, "levels"), (MultiScaleDiscriminatorSpec, "stages")],
+)
+def test_checkpointing_a_resolution_the_network_lacks_is_named(spec_class, what):
+    with pytest.raises(ValueError, match=rf"resolutions \[48\], which are not {what}"):
+        spec_class(checkpointing=[64, 48])

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, TypeVar, Union
 
@@ -44,7 +44,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, core_schema
 
-from gigagan_core.errors import GigaGANError, SpecTypeError
+from gigagan_core.errors import GigaGANError, InputError, SpecTypeError
 
 if TYPE_CHECKING:
     from pydantic.json_schema import JsonSchemaValue
@@ -62,6 +62,8 @@ __all__ = [
     "ComponentSpec",
     "RegistryView",
     "SpecFileError",
+    "check_checkpointing",
+    "checkpointed",
     "dump_spec",
     "load_spec",
     "require_spec",
@@ -240,6 +242,24 @@ class ComponentOf:
         union = specs[0] if len(specs) == 1 else Union[tuple(specs)]  # noqa: UP007
         adapter = TypeAdapter(Annotated[union, Field(discriminator="kind")])
         return handler(adapter.core_schema)
+
+
+def check_checkpointing(value: bool | Sequence[int], resolutions: Sequence[int], what: str) -> None:
+    """A ``checkpointing`` field that lists resolutions must name levels the network has."""
+    if isinstance(value, bool):
+        return
+    stray = sorted(set(value) - set(resolutions))
+    if stray:
+        raise InputError(
+            f"checkpointing names resolutions {stray}, which are not {what} of this network; "
+            f"its resolutions are {sorted(resolutions, reverse=True)}"
+        )
+
+
+def checkpointed(value: bool | Sequence[int], resolution: int) -> bool:
+    """Whether a ``checkpointing`` field (true, false, or a list of resolutions) covers the
+    level at ``resolution``."""
+    return value if isinstance(value, bool) else resolution in value
 
 
 def _describe_spec_class(cls: type) -> str:

@@ -23,7 +23,6 @@ balance with :class:`R1Penalty`, which always sums the pairs (see there).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
@@ -34,6 +33,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from gigagan_core.errors import InputError
+from gigagan_core.layers.modes import double_backward
 from gigagan_core.nets.pyramid import build_pyramid
 from gigagan_losses.base import Loss, LossContext, LossSpec, Phase
 
@@ -274,16 +274,6 @@ def lazy_regularization_adam(
     return lr * c, (beta1**c, beta2**c)
 
 
-def _double_backward_attention() -> contextlib.AbstractContextManager[Any]:
-    # The fused attention kernels (CPU flash, CUDA flash and memory-efficient) have no
-    # double-backward rule, and the choice is recorded in the forward graph, so the R1 pass
-    # must pick the composite ("math") kernel when it runs. The discriminator's training
-    # passes keep the fused kernels; only this lazy pass pays for the n x n matrices.
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
-
-
 class R1PenaltySpec(LossSpec):
     """Spec of :class:`R1Penalty`."""
 
@@ -375,7 +365,7 @@ class R1Penalty(Loss):
         # off (evaluating the losses for logging); there it is returned detached.
         training = torch.is_grad_enabled()
         leaves = [x.detach().requires_grad_(True) for x in images]
-        with torch.enable_grad(), _double_backward_attention():
+        with torch.enable_grad(), double_backward():
             pyramid = build_pyramid(leaves[0], len(ctx.fake_pyramid)) if full_resolution else leaves
             output = ctx.discriminate(pyramid, ctx.text_embedding)
             score = torch.stack([v.sum() for v in output.mean_logits().values()]).sum()

@@ -10,6 +10,7 @@ from gigagan_core.layers.attention import (
     L2SelfAttentionSpec,
 )
 from gigagan_core.layers.equalized import EqualizedConv2d, EqualizedLinear, bias_act
+from gigagan_core.layers.modes import double_backward, double_backward_expected
 
 __all__ = [
     "AdaptiveConv2d",
@@ -23,4 +24,6 @@ __all__ = [
     "L2SelfAttention",
     "L2SelfAttentionSpec",
     "bias_act",
+    "double_backward",
+    "double_backward_expected",
 ]

@@ -38,7 +38,7 @@ and elementwise passes, calibrated on a CPU; see ``benchmarks/bench_adaptive_con
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,8 @@ from torch import nn
 
 from gigagan_core.errors import InputError
 from gigagan_core.layers.checks import check_tensor
-from gigagan_core.layers.equalized import EqualizedLinear, bias_act
+from gigagan_core.layers.equalized import LRELU_SLOPE, SQRT2, EqualizedLinear, bias_act
+from gigagan_core.layers.modes import double_backward_expected
 from gigagan_core.specs import ComponentSpec
 
 __all__ = ["AdaptiveConv2d", "AdaptiveConv2dSpec", "FastPath", "NoiseMode", "fast_path_costs"]
@@ -68,6 +69,100 @@ _ACTIVATION_ELEMENT_COST = 150.0
 def _is_channels_last(x: torch.Tensor) -> bool:
     """Whether ``x`` is laid out ``b h w c`` (and not also plainly contiguous)."""
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
+def _stack_scaled(x: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
+    """``x: b i h w`` scaled per sample and channel by ``scale: b (n i)``, the ``n`` copies
+    stacked along the channels: ``b (n i) h w``."""
+    b, i, h, w = x.shape
+    if n == 1:
+        return x * scale.reshape(b, i, 1, 1)
+    return (x[:, None] * scale.reshape(b, n, i, 1, 1)).reshape(b, n * i, h, w)
+
+
+class _BankConvLeakyReLU(torch.autograd.Function):
+    """The bank path with its leaky ReLU, ``lrelu(conv(x s, K) d + b) * gain``, in one node
+    that keeps for backward only its input ``x`` and output (plus the small per-sample
+    ``s``, ``d`` and the kernel).
+
+    Autograd's composite keeps the scaled input ``x s``, the convolution's output and the
+    biased pre-activation as well: three activation-sized tensors a layer where this keeps
+    one (its output, which the next layer keeps as its input anyway). The backward
+    recomputes ``x s`` (one elementwise pass) and recovers the convolution's output from
+    the layer's output (the leaky ReLU is invertible and ``d > 0``), which is exact up to
+    float rounding; that is why the layer takes this form only in float32 and float64.
+    The backward is built from differentiable ops (``aten.convolution_backward`` has its own
+    derivative), so a second derivative is exact too; but it is slower than the composite's
+    (it also differentiates the kernel's gradient), so inside
+    :func:`~gigagan_core.layers.double_backward` (R1) the layer runs the composite.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        kernel: torch.Tensor,
+        d: torch.Tensor,
+        bias: torch.Tensor | None,
+        gain: float,
+    ) -> torch.Tensor:
+        n = kernel.shape[1] // x.shape[1]
+        y = F.conv2d(_stack_scaled(x, scale, n), kernel, padding=kernel.shape[-1] // 2)
+        y.mul_(d[:, :, None, None])
+        if bias is not None:
+            y.add_(bias[None, :, None, None])
+        F.leaky_relu(y, LRELU_SLOPE, inplace=True)
+        y.mul_(gain)
+        ctx.gain, ctx.n = gain, n
+        ctx.save_for_backward(x, scale, kernel, d, bias, y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, scale, kernel, d, bias, out = ctx.saved_tensors
+        gain, n = ctx.gain, ctx.n
+        need_x, need_scale, need_kernel, need_d, need_bias = ctx.needs_input_grad[:5]
+        b, i, h, w = x.shape
+        grad_pre = torch.ops.aten.leaky_relu_backward(grad * gain, out, LRELU_SLOPE, True)
+        grad_bias = grad_pre.sum(dim=(0, 2, 3)) if bias is not None and need_bias else None
+        grad_d = None
+        if need_d:
+            # the convolution's output from the layer's: invert gain, leaky ReLU, bias, d
+            pre = torch.ops.aten.leaky_relu_backward(out, out, 1.0 / LRELU_SLOPE, True) / gain
+            if bias is not None:
+                pre = pre - bias[None, :, None, None]
+            conv_out = pre / d[:, :, None, None]
+            grad_d = (grad_pre * conv_out).sum(dim=(2, 3))
+        grad_conv = grad_pre * d[:, :, None, None]
+        stacked = _stack_scaled(x, scale, n)
+        padding = kernel.shape[-1] // 2
+        grad_stacked, grad_kernel, _ = torch.ops.aten.convolution_backward(
+            grad_conv,
+            stacked,
+            kernel,
+            None,
+            [1, 1],
+            [padding, padding],
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [need_x or need_scale, need_kernel, False],
+        )
+        grad_x = grad_scale = None
+        if need_x or need_scale:
+            per_copy = grad_stacked.reshape(b, n, i, h, w)
+            if need_x:
+                grad_x = (per_copy * scale.reshape(b, n, i, 1, 1)).sum(dim=1)
+            if need_scale:
+                grad_scale = (per_copy * x[:, None]).sum(dim=(3, 4)).reshape(b, n * i)
+        return grad_x, grad_scale, grad_kernel if need_kernel else None, grad_d, grad_bias, None
 
 
 def fast_path_costs(
@@ -425,31 +520,48 @@ class AdaptiveConv2d(nn.Module):
         )
         return y.reshape(b, self.out_channels, *y.shape[2:])
 
-    def _conv_bank(self, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def _bank_operands(
+        self, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The bank path's resampled input, per-sample input scales ``a_n s_i`` (``b (n i)``),
+        kernel ``o (n i) k k`` and output scales ``d`` (``b o``, or ``None``)."""
         n, o, i, k = self.num_kernels, self.out_channels, self.in_channels, self.kernel_size
         with torch.autocast(a.device.type, enabled=False):
             bank = self.effective_weight().to(a.dtype)
             # a_n s_i per stacked input channel: b (n i); a == 1 exactly with one kernel.
-            scale = s if n == 1 else a[:, :, None] * s[:, None]
+            scale = s if n == 1 else (a[:, :, None] * s[:, None]).reshape(a.shape[0], n * i)
             d = None
             if self.demodulate:
                 # Divide the input scales by their largest magnitude and multiply d by it: the
                 # same result, but the convolution never sees large styles, which could
                 # overflow in float16 (StyleGAN2 does the same for its non-fused fp16 path).
                 peak = s.detach().abs().amax(dim=1).clamp_min(torch.finfo(s.dtype).tiny)
-                scale = scale / peak.view(-1, *([1] * (scale.ndim - 1)))
+                scale = scale / peak[:, None]
                 d = self._demodulation(a, s, bank) * peak[:, None]
-        x = self._resample(x)
-        b, _, h, w = x.shape
-        if n == 1:
-            stacked = x * scale.to(x.dtype).reshape(b, i, 1, 1)
-        else:
-            stacked = (x[:, None] * scale.to(x.dtype)[..., None, None]).reshape(b, n * i, h, w)
         kernel = bank.transpose(0, 1).reshape(o, n * i, k, k) if n > 1 else bank[0]
-        y = F.conv2d(stacked, kernel.to(stacked.dtype), padding=k // 2)
+        return self._resample(x), scale, kernel, d
+
+    def _conv_bank(self, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        x, scale, kernel, d = self._bank_operands(x, a, s)
+        stacked = _stack_scaled(x, scale.to(x.dtype), self.num_kernels)
+        y = F.conv2d(stacked, kernel.to(stacked.dtype), padding=self.kernel_size // 2)
         if d is not None:
             y = y * d.to(y.dtype)[:, :, None, None]
         return y
+
+    def _bank_act_eligible(self, x: torch.Tensor, adds_noise: bool) -> bool:
+        """Whether the bank path can run as :class:`_BankConvLeakyReLU` (see there)."""
+        return (
+            self.activation == "lrelu"
+            and self.demodulate
+            and self.conv_clamp is None
+            and not adds_noise
+            and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(x.device.type)
+            and torch.is_grad_enabled()
+            and not _functorch_active()
+            and not double_backward_expected()
+        )
 
     def _conv_reference(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         a = self.selection_weights(w)
@@ -495,10 +607,20 @@ class AdaptiveConv2d(nn.Module):
         if noise is not None and self.noise_strength is None:
             raise InputError("a noise tensor was given to a layer built with noise=False")
 
+        adds_noise = self.noise_strength is not None and (
+            noise is not None or noise_mode == "random"
+        )
         use_fused = self.fused if fused is None else fused
         if use_fused:
             path = self.choose_fast_path(x.shape[0], x.shape[2], x.shape[3], fast_path)
             a, s = self.selection_weights(w), self.styles(w)
+            if path == "bank" and self._bank_act_eligible(x, adds_noise):
+                xr, scale, kernel, d = self._bank_operands(x, a, s)
+                assert d is not None
+                bias = None if self.bias is None else self.bias.to(x.dtype)
+                return _BankConvLeakyReLU.apply(
+                    xr, scale.to(x.dtype), kernel.to(x.dtype), d.to(x.dtype), bias, SQRT2
+                )
             conv = self._conv_bank if path == "bank" else self._conv_grouped
             y = conv(x, a, s)
         else:
@@ -512,7 +634,8 @@ class AdaptiveConv2d(nn.Module):
                     f"noise must have shape (b, 1, h, w) = ({y.shape[0]}, 1, {y.shape[2]}, "
                     f"{y.shape[3]}) (the output's size; b may be 1), got {tuple(noise.shape)}"
                 )
-        if self.noise_strength is not None and (noise is not None or noise_mode == "random"):
+        if adds_noise:
+            assert self.noise_strength is not None
             if noise is None:
                 noise = torch.randn(y.shape[0], 1, *y.shape[2:], device=y.device, dtype=y.dtype)
             y = y + noise.to(y.dtype) * self.noise_strength.to(y.dtype)

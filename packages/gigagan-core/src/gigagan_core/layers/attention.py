@@ -69,7 +69,7 @@ The paper also applies weight decay 0.01 to attention weights; that belongs to t
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -189,14 +189,20 @@ def _attend(
     key_mask: Tensor | None,
     l2: bool,
     fused: bool,
+    padded_output: bool = False,
 ) -> Tensor:
     """Softmax attention of ``q: b h n e`` over ``k: b h m e``, ``v: b h m f`` -> ``b h n f``.
 
     Logits are ``-||q_i - k_j||^2 * scale`` when ``l2`` else ``q_i.k_j * scale``. ``key_mask``
     (``b m`` bool, True = may be attended to) removes keys; a row with no keys left returns 0.
+    ``padded_output``: the augmented L2 form may return ``b h n w`` with zero columns past
+    ``f`` (its kernel's own output, which its backward keeps anyway); see
+    :func:`_project_heads`.
     """
     if fused:
-        out = _attend_fused(q, k, v, scale=scale, key_mask=key_mask, l2=l2)
+        out = _attend_fused(
+            q, k, v, scale=scale, key_mask=key_mask, l2=l2, padded_output=padded_output
+        )
     else:
         out = _attend_reference(q, k, v, scale=scale, key_mask=key_mask, l2=l2)
     if key_mask is not None:
@@ -312,10 +318,18 @@ def _augmented_width(width: int, device: torch.device) -> int:
 
 
 def _attend_fused(
-    q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_mask: Tensor | None, l2: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    key_mask: Tensor | None,
+    l2: bool,
+    padded_output: bool = False,
 ) -> Tensor:
     if l2 and _needs_grad(q, k, v):
-        return _attend_l2_augmented(q, k, v, scale=scale, key_mask=key_mask)
+        out = _attend_l2_augmented(q, k, v, scale=scale, key_mask=key_mask)
+        return out if padded_output else out[..., : v.shape[-1]]
     bias: Tensor | None = None
     sdpa_scale = scale
     if l2:
@@ -330,26 +344,107 @@ def _attend_fused(
     return _sdpa(q, k, v, attn_mask=bias, scale=sdpa_scale)
 
 
+class _L2Augment(torch.autograd.Function):
+    """``q' = [q, -1/2, 0...]`` and ``k' = [k, ||k||^2, 0...]`` (width ``w``) in one node.
+
+    Autograd's composite keeps ``k`` to differentiate ``||k||^2``; this node keeps ``k'``
+    instead, which the attention kernel keeps anyway, so no extra ``b h m e`` tensor lives
+    until the backward. Both outputs are laid out ``b n h w`` in memory (as views ``b h n
+    w``), the layout of :func:`_split_heads`, so the kernel's output comes out in the layout
+    :func:`_project_heads` reads without a copy. The backward is built from differentiable
+    ops (R1's double backward runs through it).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, q: Tensor, k: Tensor, width: int
+    ) -> tuple[Tensor, Tensor]:
+        q_aug, k_aug = _l2_augment(q, k, width)
+        ctx.e = q.shape[-1]
+        ctx.save_for_backward(k_aug)
+        ctx.save_for_forward(k_aug)
+        return q_aug, k_aug
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_q: Tensor | None, grad_k: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, None]:
+        (k_aug,) = ctx.saved_tensors
+        e = ctx.e
+        dq = None if grad_q is None else grad_q[..., :e]
+        dk = None
+        if grad_k is not None:
+            dk = grad_k[..., :e] + 2.0 * k_aug[..., :e] * grad_k[..., e : e + 1]
+        return dq, dk, None
+
+    @staticmethod
+    def jvp(  # type: ignore[override]
+        ctx: Any, q_t: Tensor | None, k_t: Tensor | None, _: None
+    ) -> tuple[Tensor, Tensor]:
+        (k_aug,) = ctx.saved_tensors
+        e, width = ctx.e, k_aug.shape[-1]
+        ref = k_aug[..., :e].transpose(1, 2)  # b n h e, the outputs' memory layout
+        q_t = torch.zeros_like(ref) if q_t is None else q_t.transpose(1, 2)
+        k_t = torch.zeros_like(ref) if k_t is None else k_t.transpose(1, 2)
+        q_aug_t = torch.cat([q_t, q_t.new_zeros((*q_t.shape[:-1], width - e))], dim=-1)
+        sq_t = 2.0 * (ref * k_t).sum(dim=-1, keepdim=True)
+        k_aug_t = torch.cat([k_t, sq_t, k_t.new_zeros((*k_t.shape[:-1], width - e - 1))], dim=-1)
+        return q_aug_t.transpose(1, 2), k_aug_t.transpose(1, 2)
+
+
+def _l2_augment(q: Tensor, k: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """The composite of :class:`_L2Augment` (``b h n e`` to ``b h n w``, laid out ``b n h w``)."""
+    e = q.shape[-1]
+    q_t, k_t = q.transpose(1, 2), k.transpose(1, 2)  # b n h e, contiguous from _split_heads
+    k_sq = k_t.to(_accumulation_dtype(k.dtype)).square().sum(dim=-1, keepdim=True).to(k.dtype)
+    q_aug = torch.cat(
+        [
+            q_t,
+            q_t.new_full((*q_t.shape[:-1], 1), -0.5),
+            q_t.new_zeros((*q_t.shape[:-1], width - e - 1)),
+        ],
+        dim=-1,
+    )
+    k_aug = torch.cat([k_t, k_sq, k_t.new_zeros((*k_t.shape[:-1], width - e - 1))], dim=-1)
+    return q_aug.transpose(1, 2), k_aug.transpose(1, 2)
+
+
 def _attend_l2_augmented(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_mask: Tensor | None
 ) -> Tensor:
     """L2 attention as bias-free SDPA on ``q' = [q, -1/2]``, ``k' = [k, ||k||^2]`` (exact).
 
     ``2 scale q'.k' = scale (2 q.k - ||k||^2)``, the L2 logits up to a per-row constant, so the
-    fused kernels run forward *and* backward; ``v`` is zero-padded to the common width.
+    fused kernels run forward *and* backward; ``v`` is zero-padded to the common width, and
+    the output keeps that width (``b h n w``, columns past ``f`` zero).
     """
     e, f = q.shape[-1], v.shape[-1]
     width = _augmented_width(max(e + 1, f), q.device)
-    k_sq = k.to(_accumulation_dtype(k.dtype)).square().sum(dim=-1, keepdim=True).to(k.dtype)
-    q_aug = torch.cat(
-        [q, q.new_full((*q.shape[:-1], 1), -0.5), q.new_zeros((*q.shape[:-1], width - e - 1))],
-        dim=-1,
-    )
-    k_aug = torch.cat([k, k_sq, k.new_zeros((*k.shape[:-1], width - e - 1))], dim=-1)
-    v_aug = F.pad(v, (0, width - f)) if width > f else v
+    if _functorch_active():
+        q_aug, k_aug = _l2_augment(q, k, width)
+    else:
+        q_aug, k_aug = _L2Augment.apply(q, k, width)
+    v_aug = F.pad(v.transpose(1, 2), (0, width - f)).transpose(1, 2) if width > f else v
     mask = None if key_mask is None else _key_padding_bias(key_mask, q.dtype, None)
-    out = _sdpa(q_aug, k_aug, v_aug, attn_mask=mask, scale=2.0 * scale)
-    return out[..., :f] if width > f else out
+    return _sdpa(q_aug, k_aug, v_aug, attn_mask=mask, scale=2.0 * scale)
+
+
+def _project_heads(out: Tensor, to_out: EqualizedLinear) -> Tensor:
+    """``to_out(merge_heads(out[..., :f]))`` for ``out: b h n w`` with ``w >= f`` columns,
+    ``f = to_out.in_features / h``.
+
+    With padding columns (the augmented L2 form's output), the projection's weight is padded
+    with zero columns instead of slicing and copying the output: for an output laid out ``b
+    n h w`` (the kernel's, see :class:`_L2Augment`) the projection then reads it as a view,
+    and the tensor its backward keeps is the one the attention kernel keeps anyway.
+    """
+    b, h, n, w = out.shape
+    f = to_out.in_features // h
+    if w == f:
+        return to_out(_merge_heads(out))
+    weight = to_out.effective_weight().to(out.dtype).view(-1, h, f)
+    weight = F.pad(weight, (0, w - f)).reshape(weight.shape[0], h * w)
+    return F.linear(out.transpose(1, 2).reshape(b, n, h * w), weight)
 
 
 def _attend_reference(
@@ -480,8 +575,10 @@ class L2SelfAttention(nn.Module):
             w_q, w_v = w_q.to(tokens.dtype), w_v.to(tokens.dtype)
             value_map = (w_q @ w_q.transpose(1, 2) @ w_v) * self.scale  # h d e
             v = torch.einsum("bnd,hde->bhne", tokens, value_map)
-        out = _attend(q, q, v, scale=self.scale, key_mask=mask, l2=True, fused=self.fused)
-        out = self.to_out(_merge_heads(out))
+        out = _attend(
+            q, q, v, scale=self.scale, key_mask=mask, l2=True, fused=self.fused, padded_output=True
+        )
+        out = _project_heads(out, self.to_out)
         if self.residual:
             out = tokens + self.residual_gain * out
         return _from_tokens(out, spatial)
@@ -568,8 +665,17 @@ class L2CrossAttention(nn.Module):
         q = _split_heads(self.to_q(tokens), self.heads)
         k = _split_heads(self.to_k(context), self.heads)
         v = _split_heads(self.to_v(context), self.heads)
-        out = _attend(q, k, v, scale=self.scale, key_mask=context_mask, l2=True, fused=self.fused)
-        out = self.to_out(_merge_heads(out))
+        out = _attend(
+            q,
+            k,
+            v,
+            scale=self.scale,
+            key_mask=context_mask,
+            l2=True,
+            fused=self.fused,
+            padded_output=True,
+        )
+        out = _project_heads(out, self.to_out)
         if self.residual:
             out = tokens + self.residual_gain * out
         return _from_tokens(out, spatial)

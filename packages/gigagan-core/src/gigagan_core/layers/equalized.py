@@ -10,6 +10,7 @@ layer down.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,64 @@ from gigagan_core.errors import InputError
 __all__ = ["SQRT2", "EqualizedConv2d", "EqualizedLinear", "bias_act"]
 
 SQRT2 = math.sqrt(2.0)
+
+
+LRELU_SLOPE = 0.2
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
+class _BiasLeakyReLU(torch.autograd.Function):
+    """``leaky_relu(x + b, 0.2) * gain`` that keeps only its output for backward.
+
+    The sign of the output is the sign of ``x + b`` (``gain > 0``), which is all the
+    derivative needs. Autograd's composite keeps ``x + b`` for the leaky ReLU and the next
+    layer keeps the scaled output as its input: two activation-sized tensors per layer
+    where this keeps one (the same one the next layer keeps). The output is built in place
+    in one new tensor. The backward is ``aten.leaky_relu_backward`` on the output, which is
+    differentiable again, so R1's double backward runs through it; its second derivative
+    is zero almost everywhere, as the composite's.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, gain: float
+    ) -> torch.Tensor:
+        y = x + bias if bias is not None else x.clone()
+        F.leaky_relu(y, LRELU_SLOPE, inplace=True)
+        if gain != 1.0:
+            y.mul_(gain)
+        ctx.gain = gain
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.save_for_backward(y)
+        ctx.save_for_forward(y)
+        return y
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        (y,) = ctx.saved_tensors
+        if ctx.gain != 1.0:
+            grad = grad * ctx.gain
+        grad_x = torch.ops.aten.leaky_relu_backward(grad, y, LRELU_SLOPE, True)
+        grad_b = None
+        if ctx.bias_shape is not None and ctx.needs_input_grad[1]:
+            dims = [d for d, size in enumerate(ctx.bias_shape) if size == 1]
+            grad_b = grad_x.sum(dim=dims, keepdim=True) if dims else grad_x
+        return grad_x if ctx.needs_input_grad[0] else None, grad_b, None
+
+    @staticmethod
+    def jvp(  # type: ignore[override]
+        ctx: Any, x_t: torch.Tensor | None, b_t: torch.Tensor | None, _: None
+    ) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        t = x_t if b_t is None else (b_t if x_t is None else x_t + b_t)
+        assert t is not None
+        return torch.ops.aten.leaky_relu_backward(t * ctx.gain, y, LRELU_SLOPE, True)
 
 
 def bias_act(
@@ -33,14 +92,21 @@ def bias_act(
     """Add a bias along ``dim``, apply an activation, scale by its gain, optionally clamp.
 
     ``activation``: ``"linear"`` (gain 1) or ``"lrelu"`` (slope 0.2, gain sqrt(2), which keeps
-    the second moment of N(0, 1) inputs at about 1).
+    the second moment of N(0, 1) inputs at about 1). The leaky ReLU without a clamp runs as
+    one autograd node that keeps only its output (:class:`_BiasLeakyReLU`), except under
+    ``torch.func`` transforms, which differentiate the plain composite.
     """
     if bias is not None:
         shape = [1] * x.ndim
         shape[dim] = -1
-        x = x + bias.to(x.dtype).reshape(shape)
+        bias = bias.to(x.dtype).reshape(shape)
+    if activation == "lrelu" and clamp is None and (gain is None or gain > 0):
+        if not _functorch_active():
+            return _BiasLeakyReLU.apply(x, bias, SQRT2 if gain is None else float(gain))
+    if bias is not None:
+        x = x + bias
     if activation == "lrelu":
-        x = F.leaky_relu(x, 0.2)
+        x = F.leaky_relu(x, LRELU_SLOPE)
         default_gain = SQRT2
     elif activation == "linear":
         default_gain = 1.0

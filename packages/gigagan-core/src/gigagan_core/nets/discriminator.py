@@ -50,7 +50,13 @@ from gigagan_core.nets.conditioning import build_text_path
 from gigagan_core.nets.pyramid import build_pyramid, check_pyramid
 from gigagan_core.nets.text_features import TextFeatures
 from gigagan_core.pretrained import PretrainedMixin
-from gigagan_core.specs import AnyTextEncoder, ComponentSpec, require_spec
+from gigagan_core.specs import (
+    AnyTextEncoder,
+    ComponentSpec,
+    check_checkpointing,
+    checkpointed,
+    require_spec,
+)
 
 __all__ = [
     "DiscriminatorOutput",
@@ -157,11 +163,13 @@ class MultiScaleDiscriminatorSpec(ComponentSpec):
     fused: bool = Field(
         True, description="Grouped-conv / SDPA fast paths (false: the reference paths)."
     )
-    checkpointing: bool = Field(
+    checkpointing: bool | tuple[int, ...] = Field(
         False,
         description="Activation checkpointing of the image-branch stages while training: "
         "their activations are recomputed in the backward pass instead of kept (less peak "
-        "memory for big presets, about one more forward pass of time).",
+        "memory, about one more forward pass of those stages in time). true: every stage; "
+        "a list of resolutions: only the stages reading those levels (e.g. [64, 32], where "
+        "the activations are largest); false: none.",
     )
 
     @field_validator("resolution")
@@ -206,6 +214,7 @@ class MultiScaleDiscriminatorSpec(ComponentSpec):
             raise InputError(
                 f"text_dim={self.text_dim} is not divisible by text_heads={self.text_heads}"
             )
+        check_checkpointing(self.checkpointing, levels, "stages")
         if self.input_levels is not None and self.input_levels > len(levels):
             raise InputError(
                 f"input_levels={self.input_levels} is more than the {len(levels)} pyramid "
@@ -754,7 +763,12 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
                 h = entering if h is None else torch.cat([h, entering.to(h.dtype)], dim=0)
             assert h is not None
             paths = min(s + 1, inputs)
-            if self.spec.checkpointing and self.training and torch.is_grad_enabled():
+            r = self.spec.resolutions[s]
+            if (
+                checkpointed(self.spec.checkpointing, r)
+                and self.training
+                and torch.is_grad_enabled()
+            ):
                 # Stage and head in one region: the heads' per-sample modulated weights are
                 # the larger part of what a step would otherwise keep.
                 h, out = checkpoint(

@@ -40,6 +40,7 @@ from gigagan_core.nets.styled import (
     TextInput,
     randn,
 )
+from gigagan_core.specs import check_checkpointing, checkpointed
 
 __all__ = [
     "Generator",
@@ -112,11 +113,13 @@ class GeneratorSpec(StyledNetworkSpec):
         "(a DCGAN's first layer), so the latent places the content directly; for shallow "
         "generators, which have few layers to turn noise into layout.",
     )
-    checkpointing: bool = Field(
+    checkpointing: bool | tuple[int, ...] = Field(
         False,
         description="Activation checkpointing of the synthesis blocks while training: their "
-        "activations are recomputed in the backward pass instead of kept (less peak memory "
-        "for big presets, about one more forward pass of time; the same noise is redrawn).",
+        "activations are recomputed in the backward pass instead of kept (less peak memory, "
+        "about one more forward pass of those blocks in time; the same noise is redrawn). "
+        "true: every level; a list of resolutions: only those levels' blocks (e.g. [64, "
+        "128], where the activations are largest); false: none.",
     )
 
     @model_validator(mode="after")
@@ -129,6 +132,7 @@ class GeneratorSpec(StyledNetworkSpec):
                     f"levels must double in resolution: {prev.resolution} is followed by "
                     f"{level.resolution}"
                 )
+        check_checkpointing(self.checkpointing, self.resolutions, "levels")
         if self.text_encoder is None:
             crossing = [lv.resolution for lv in self.levels if lv.cross_attention]
             if crossing:
@@ -284,13 +288,14 @@ class SynthesisNetwork(nn.Module):
         rgb: Tensor | None = None
         pyramid = []
         idx = 0
-        for blocks, to_rgb in zip(self.levels, self.to_rgb, strict=True):
+        for level, blocks, to_rgb in zip(self.spec.levels, self.levels, self.to_rgb, strict=True):
+            checkpoint_level = checkpointed(self.spec.checkpointing, level.resolution)
             for block in blocks:
                 noise = None
                 if block.conv.use_noise and noise_mode == "random" and noise_generator is not None:
                     side = x.shape[-1] * block.conv.up
                     noise = randn(b, 1, side, side, generator=noise_generator, device=ws.device)
-                if self.spec.checkpointing and self.training and torch.is_grad_enabled():
+                if checkpoint_level and self.training and torch.is_grad_enabled():
                     x = checkpoint(
                         block, x, ws[:, idx], text, noise, noise_mode, use_reentrant=False
                     )
