@@ -16,8 +16,8 @@ twice), it prints:
 - the phase's peak of live tensors (growth of the process's peak RSS with every block of
   64 KiB or more returned to the OS on free), measured in a fresh subprocess per phase.
 
-``--depth`` sets how deep module names are grouped (2: G's levels, D's stages and heads;
-3: one level more, e.g. the attention inside a stage).
+``--depth`` sets how deep module names are grouped (1: G's levels, D's stages and heads;
+2, the default: one name more, e.g. the attention inside a stage).
 """
 
 from __future__ import annotations
@@ -91,14 +91,17 @@ class SavedTensorProfile:
 
 
 def _group(label: str, depth: int) -> str:
+    """``label`` up to its first index (a level, stage or head), then ``depth - 1`` more
+    names: depth 1 gives ``D.stages.1``, depth 2 ``D.stages.1.attention``."""
     parts = label.split(".")
-    kept, named = [], 0
-    for part in parts:
-        kept.append(part)
+    first = next((k for k, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
+    kept, names = parts[: first + 1], 0
+    for part in parts[first + 1 :]:
         if not part.isdigit():
-            named += 1
-        if named > depth:
-            break
+            if names == depth - 1:
+                break
+            names += 1
+        kept.append(part)
     return ".".join(kept)
 
 
