@@ -48,7 +48,7 @@ from torch import nn
 from gigagan_core.errors import InputError
 from gigagan_core.layers.checks import check_tensor
 from gigagan_core.layers.equalized import LRELU_SLOPE, SQRT2, EqualizedLinear, bias_act
-from gigagan_core.layers.modes import double_backward_expected
+from gigagan_core.layers.modes import double_backward_expected, functorch_active
 from gigagan_core.specs import ComponentSpec
 
 __all__ = ["AdaptiveConv2d", "AdaptiveConv2dSpec", "FastPath", "NoiseMode", "fast_path_costs"]
@@ -69,11 +69,6 @@ _ACTIVATION_ELEMENT_COST = 150.0
 def _is_channels_last(x: torch.Tensor) -> bool:
     """Whether ``x`` is laid out ``b h w c`` (and not also plainly contiguous)."""
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
-def _functorch_active() -> bool:
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active()) if active is not None else False
 
 
 def _stack_scaled(x: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
@@ -559,7 +554,7 @@ class AdaptiveConv2d(nn.Module):
             and x.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled(x.device.type)
             and torch.is_grad_enabled()
-            and not _functorch_active()
+            and not functorch_active()
             and not double_backward_expected()
         )
 

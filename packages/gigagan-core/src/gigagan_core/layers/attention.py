@@ -78,6 +78,7 @@ from torch import Tensor, nn
 
 from gigagan_core.errors import InputError
 from gigagan_core.layers.equalized import EqualizedLinear
+from gigagan_core.layers.modes import functorch_active
 from gigagan_core.specs import ComponentSpec
 
 __all__ = [
@@ -225,11 +226,6 @@ def _fused_kernels_enabled() -> bool:
     )
 
 
-def _functorch_active() -> bool:
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active()) if active is not None else False
-
-
 class _TrainableSDPA(torch.autograd.Function):
     """``scaled_dot_product_attention`` whose backward is differentiable again.
 
@@ -294,7 +290,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None, scale: f
     caller has switched the fused kernels off (``sdpa_kernel(SDPBackend.MATH)``), so that the
     math kernel's own double backward serves.
     """
-    if _needs_grad(q, k, v) and not _functorch_active() and _fused_kernels_enabled():
+    if _needs_grad(q, k, v) and not functorch_active() and _fused_kernels_enabled():
         return _TrainableSDPA.apply(q, k, v, attn_mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
@@ -420,7 +416,7 @@ def _attend_l2_augmented(
     """
     e, f = q.shape[-1], v.shape[-1]
     width = _augmented_width(max(e + 1, f), q.device)
-    if _functorch_active():
+    if functorch_active():
         q_aug, k_aug = _l2_augment(q, k, width)
     else:
         q_aug, k_aug = _L2Augment.apply(q, k, width)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gigagan_core.errors import InputError
+from gigagan_core.layers.modes import functorch_active
 
 __all__ = ["SQRT2", "EqualizedConv2d", "EqualizedLinear", "bias_act"]
 
@@ -24,11 +25,6 @@ SQRT2 = math.sqrt(2.0)
 
 
 LRELU_SLOPE = 0.2
-
-
-def _functorch_active() -> bool:
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active()) if active is not None else False
 
 
 class _BiasLeakyReLU(torch.autograd.Function):
@@ -101,7 +97,7 @@ def bias_act(
         shape[dim] = -1
         bias = bias.to(x.dtype).reshape(shape)
     if activation == "lrelu" and clamp is None and (gain is None or gain > 0):
-        if not _functorch_active():
+        if not functorch_active():
             return _BiasLeakyReLU.apply(x, bias, SQRT2 if gain is None else float(gain))
     if bias is not None:
         x = x + bias

@@ -22,7 +22,9 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
-__all__ = ["double_backward", "double_backward_expected"]
+import torch
+
+__all__ = ["double_backward", "double_backward_expected", "functorch_active"]
 
 _state = threading.local()
 
@@ -46,3 +48,10 @@ def double_backward() -> Iterator[None]:
 def double_backward_expected() -> bool:
     """Whether this thread is inside :func:`double_backward`."""
     return bool(getattr(_state, "active", False))
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``jacrev``, ``jvp``) is running: there the
+    layers use their plain composites, which need no autograd rules of their own."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False

@@ -46,6 +46,7 @@ from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
 from gigagan_core.layers.attention import L2SelfAttention
 from gigagan_core.layers.checks import check_captions, check_tensor
 from gigagan_core.layers.equalized import EqualizedConv2d, EqualizedLinear
+from gigagan_core.layers.modes import functorch_active
 from gigagan_core.nets.conditioning import build_text_path
 from gigagan_core.nets.pyramid import build_pyramid, check_pyramid
 from gigagan_core.nets.text_features import TextFeatures
@@ -385,11 +386,6 @@ class _BlurDownAdjoint(torch.autograd.Function):
         return _blur_down_adjoint(g_t, ctx.kernel, ctx.shape)
 
 
-def _functorch_active() -> bool:
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active()) if active is not None else False
-
-
 class _BlurDown(nn.Module):
     """Blur with the separable binomial filter ``[1, 3, 3, 1]`` then keep every second pixel.
 
@@ -412,7 +408,7 @@ class _BlurDown(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused and not _functorch_active():
+        if self.fused and not functorch_active():
             return _BlurDownFunction.apply(x, self.kernel)
         return _blur_down_reference(x, self.kernel)
 
