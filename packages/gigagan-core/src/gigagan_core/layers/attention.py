@@ -39,8 +39,11 @@ forms, neither of which builds the ``n x m`` distance matrix outside the kernel:
   Forward and backward both stay in the fused kernel.
 
 Key padding is a constant (gradient-free) mask in either form. The fused kernels have no
-double-backward rule: a gradient penalty (R1) differentiates through them under
-``sdpa_kernel(SDPBackend.MATH)``, as :class:`gigagan_losses.R1Penalty` does.
+double-backward rule: a gradient penalty (R1) runs its forward inside
+:func:`gigagan_core.layers.double_backward` (which selects the composite kernel), as
+:class:`gigagan_losses.R1Penalty` does. In training the augmented form keeps ``k'`` rather
+than a copy of ``q`` (:class:`_L2Augment`), and the output projection reads the kernel's
+padded output through a zero-padded weight (:func:`_project_heads`).
 ``fused=False`` is the plain reference: it builds the ``b h n m`` squared-distance matrix and
 applies a masked softmax. Both paths share parameters; tests hold them equal.
 
