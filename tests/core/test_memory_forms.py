@@ -196,3 +196,17 @@ def test_self_attention_keeps_five_token_tensors_in_training():
     lse = b * heads * n * 4
     weights = 3 * dim * dim * 4  # the three effective weights (the output's padded)
     assert saved <= 4 * token_tensor + lse + weights + 4 * dim * heads
+
+
+def test_padded_output_projection_keeps_a_bias_of_the_output_layer():
+    """A subclass that gives the output projection a bias gets it on the padded path too."""
+    from gigagan_core.layers.equalized import EqualizedLinear
+
+    torch.manual_seed(0)
+    fused = L2SelfAttention(16, 2).double()
+    fused.to_out = EqualizedLinear(16, 16, bias=True, bias_init=0.5).double()
+    reference = L2SelfAttention(16, 2, fused=False).double()
+    reference.to_out = EqualizedLinear(16, 16, bias=True).double()
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 9, 16, dtype=F64, requires_grad=True)  # requires grad: the padded path
+    torch.testing.assert_close(fused(x), reference(x), rtol=1e-10, atol=1e-12)

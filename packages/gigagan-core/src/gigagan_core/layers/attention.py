@@ -443,7 +443,8 @@ def _project_heads(out: Tensor, to_out: EqualizedLinear) -> Tensor:
         return to_out(_merge_heads(out))
     weight = to_out.effective_weight().to(out.dtype).view(-1, h, f)
     weight = F.pad(weight, (0, w - f)).reshape(weight.shape[0], h * w)
-    return F.linear(out.transpose(1, 2).reshape(b, n, h * w), weight)
+    bias = None if to_out.bias is None else (to_out.bias * to_out.lr_multiplier).to(out.dtype)
+    return F.linear(out.transpose(1, 2).reshape(b, n, h * w), weight, bias)
 
 
 def _attend_reference(
