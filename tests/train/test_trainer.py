@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from gigagan_core.frozen import trainable_parameters
+from gigagan_core.presets import load_preset
 from gigagan_train.checkpoint import find_checkpoint, latest_checkpoint, list_checkpoints
 from gigagan_train.errors import CheckpointError, TrainingAbortedError
 from gigagan_train.loop import Trainer
@@ -351,3 +352,30 @@ def test_ada_trains_logs_its_probability_and_resumes_exactly(make_spec, tmp_path
         x, y = load_file(a / part), load_file(b / part)
         assert [k for k in x if not torch.equal(x[k], y[k])] == [], part
     assert float(load_file(a / "augment/model.safetensors")["p"]) == ps[-1]
+
+
+def test_a_projection_discriminator_run_resumes_exactly(make_spec, tmp_path):
+    """The spectral norm's power-iteration vectors are D buffers: a resumed run continues
+    from them, so the split run's D, G and optimiser states equal the straight run's."""
+    text_encoder = load_preset("tiny").discriminator.text_encoder.model_dump()
+    disc = {
+        "kind": "projection",
+        "resolution": 16,
+        "channels": [8, 16],
+        "text_encoder": text_encoder,
+    }
+    losses = [{"kind": "adversarial"}, {"kind": "matching-aware"}]
+    spec = make_spec(steps=4, discriminator=disc, losses=losses)
+    Trainer(spec, tmp_path / "straight").fit()
+    Trainer(make_spec(steps=2, discriminator=disc, losses=losses), tmp_path / "split").fit()
+    Trainer(spec, tmp_path / "split", resume=True).fit()
+    a, b = find_checkpoint(tmp_path / "straight"), find_checkpoint(tmp_path / "split")
+    d_state = load_file(a / "D/model.safetensors")
+    assert any(k.endswith("._u") for k in d_state)
+    for part in ("G/model.safetensors", "D/model.safetensors", "optim.safetensors"):
+        x, y = load_file(a / part), load_file(b / part)
+        assert x.keys() == y.keys()
+        assert [k for k in x if not torch.equal(x[k], y[k])] == [], part
+    first = load_file(tmp_path / "split/checkpoints/step-000002/D/model.safetensors")
+    moved = [k for k in d_state if k.endswith("._u") and not torch.equal(first[k], d_state[k])]
+    assert moved  # the vectors did change between the checkpoints

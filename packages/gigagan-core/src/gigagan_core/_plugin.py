@@ -13,6 +13,7 @@ from gigagan_core.layers.attention import (
 )
 from gigagan_core.nets.discriminator import MultiScaleDiscriminator, MultiScaleDiscriminatorSpec
 from gigagan_core.nets.generator import Generator, GeneratorSpec
+from gigagan_core.nets.projection import ProjectionDiscriminator, ProjectionDiscriminatorSpec
 from gigagan_core.nets.text import CLIPTextEncoder, CLIPTextEncoderSpec
 from gigagan_core.plugins import Component, hookimpl
 
@@ -41,5 +42,11 @@ def gigagan_components() -> list[Component]:
             factory=MultiScaleDiscriminator,
             description="GigaGAN multi-scale-input multi-scale-output discriminator with a "
             "text-modulated head per (input, output) level pair.",
+        ),
+        Component(
+            spec=ProjectionDiscriminatorSpec,
+            factory=ProjectionDiscriminator,
+            description="Small spectral-norm projection discriminator: stride-2 convolutions, "
+            "optional pyramid inputs, one pooled logit plus the caption projection.",
         ),
     ]

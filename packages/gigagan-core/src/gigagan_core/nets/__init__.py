@@ -1,4 +1,5 @@
-"""GigaGAN's networks: text path, mapping network, generator, MS-I/O discriminator."""
+"""GigaGAN's networks: text path, mapping network, generator, MS-I/O and projection
+discriminators."""
 
 from gigagan_core.nets.conditioning import TextConditioning, TextTransformer, split_global_local
 from gigagan_core.nets.discriminator import (
@@ -15,6 +16,7 @@ from gigagan_core.nets.generator import (
     slerp,
 )
 from gigagan_core.nets.mapping import MappingNetwork, truncate
+from gigagan_core.nets.projection import ProjectionDiscriminator, ProjectionDiscriminatorSpec
 from gigagan_core.nets.protocols import (
     SINGLE_SCALE_PAIR,
     DiscriminatorOutputError,
@@ -40,6 +42,8 @@ __all__ = [
     "MappingNetwork",
     "MultiScaleDiscriminator",
     "MultiScaleDiscriminatorSpec",
+    "ProjectionDiscriminator",
+    "ProjectionDiscriminatorSpec",
     "SynthesisLevel",
     "SynthesisNetwork",
     "TextConditioning",

@@ -31,7 +31,9 @@ class ModelPreset(BaseModel):
     def _pyramids_agree(self) -> ModelPreset:
         g = getattr(self.generator, "resolutions", None)
         d = getattr(self.discriminator, "resolutions", None)
-        if g is not None and d is not None and tuple(g) != tuple(d):
+        # A discriminator reads the pyramid from the top: all of it (MS-I/O) or its first
+        # levels (a single-scale or few-level one).
+        if g is not None and d is not None and tuple(g)[: len(tuple(d))] != tuple(d):
             raise InputError(
                 f"the discriminator reads pyramid levels {list(d)} but the generator makes "
                 f"{list(g)}; match discriminator.resolution / min_resolution to the generator"

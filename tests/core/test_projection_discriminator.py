@@ -1,0 +1,217 @@
+"""Projection discriminator: output contract, text wiring, pyramid inputs, spectral norm."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from pydantic import TypeAdapter, ValidationError
+from safetensors.torch import load_file, save_file
+from tests.core.test_discriminator import CAPTIONS, FakeTextEncoder, _FakePlugin
+
+from gigagan_core.errors import InputError
+from gigagan_core.nets import (
+    ProjectionDiscriminator,
+    ProjectionDiscriminatorSpec,
+    TextFeatures,
+    build_pyramid,
+    check_discriminator_output,
+)
+from gigagan_core.plugins import get_registry, load_registry, use_registry
+from gigagan_core.pretrained import PretrainedError
+from gigagan_core.specs import AnyDiscriminator
+from gigagan_losses.adversarial import R1Penalty, R1PenaltySpec
+from gigagan_losses.base import LossContext
+
+
+@pytest.fixture(autouse=True)
+def _registry_with_fake_encoder() -> Iterator[None]:
+    registry = load_registry(autoload=False)
+    registry.register_plugin(_FakePlugin, "fake-text")
+    with use_registry(registry):
+        yield
+
+
+class PooledFakeEncoder(FakeTextEncoder):
+    """The fake encoder with a pooled embedding (its tokens' masked mean), as CLIP has one;
+    its end-of-text token is the same vector for every caption."""
+
+    def forward(self, texts):
+        f = super().forward(texts)
+        pooled = (f.tokens * f.mask[..., None]).sum(1) / f.mask.sum(1, keepdim=True)
+        return TextFeatures(tokens=f.tokens, mask=f.mask, eot_index=f.eot_index, pooled=pooled)
+
+
+def _spec(**overrides) -> ProjectionDiscriminatorSpec:
+    fields = {
+        "resolution": 32,
+        "channels": (8, 16, 32),
+        "text_encoder": {"kind": "fake-hash", "width": 24},
+    }
+    fields.update(overrides)
+    return ProjectionDiscriminatorSpec(**fields)
+
+
+def _build(seed: int = 0, **overrides) -> ProjectionDiscriminator:
+    torch.manual_seed(seed)
+    return ProjectionDiscriminator.from_spec(_spec(**overrides), text_encoder=PooledFakeEncoder())
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_output_keeps_the_contract_with_one_logit_per_image(images):
+    d = _build()
+    out = d(images, CAPTIONS)
+    check_discriminator_output(out, "projection", batch_size=4)
+    assert out.pairs() == [(0, 1)] and out[(0, 1)].shape == (4, 1, 1)
+    assert out.resolutions == (32,)
+    every = _build(outputs="every")(images, CAPTIONS)
+    assert every.pairs() == [(0, 1), (0, 2), (0, 3)]
+
+
+def test_the_logit_is_linear_plus_the_projection_of_the_caption(images):
+    """D(x, c) = w . h + <E e, h>: with the embedding scaled by k, the logit moves by
+    (k - 1) <E e, h>, so three scalings lie on one line."""
+    d = _build().eval()
+    e = d.encode_text(CAPTIONS)
+    logit = [d(images, text_embedding=k * e)[(0, 1)].flatten() for k in (0.0, 1.0, 2.0)]
+    torch.testing.assert_close(logit[2] - logit[1], logit[1] - logit[0])
+    assert (logit[1] - logit[0]).abs().min() > 0  # the caption does change every logit
+
+
+def test_captions_features_and_embedding_paths_agree(images):
+    d = _build().eval()
+    by_caption = d(images, CAPTIONS)[(0, 1)]
+    features = PooledFakeEncoder()(CAPTIONS)
+    torch.testing.assert_close(d(images, features)[(0, 1)], by_caption)
+    torch.testing.assert_close(
+        d(images, text_embedding=d.encode_text(CAPTIONS))[(0, 1)], by_caption
+    )
+    # Rolled embeddings pair each image with another caption: different logits.
+    rolled = d(images, text_embedding=d.encode_text(CAPTIONS).roll(1, 0))[(0, 1)]
+    assert not torch.allclose(rolled, by_caption)
+
+
+def test_the_pooled_embedding_is_used_when_the_encoder_has_one(images):
+    d = _build().eval()
+    features = FakeTextEncoder()(CAPTIONS)
+    pooled = torch.randn(4, 24, generator=torch.Generator().manual_seed(3))
+    with_pooled = TextFeatures(
+        tokens=features.tokens, mask=features.mask, eot_index=features.eot_index, pooled=pooled
+    )
+    torch.testing.assert_close(d.encode_text(with_pooled), pooled)
+    rows = torch.arange(4)
+    torch.testing.assert_close(d.encode_text(features), features.tokens[rows, features.eot_index])
+
+
+def test_input_levels_read_exactly_the_levels_that_enter(images):
+    d = _build(input_levels=2).eval()
+    pyramid = [x.requires_grad_(True) for x in build_pyramid(images, 4)]
+    out = d(pyramid, CAPTIONS)
+    grads = torch.autograd.grad(out[(0, 1)].sum(), pyramid, allow_unused=True)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    assert grads[1] is not None and grads[1].abs().sum() > 0
+    assert grads[2] is None and grads[3] is None
+    assert d.resolutions == (32, 16) and d.levels == 2
+    # A full-resolution tensor is turned into the same pyramid.
+    torch.testing.assert_close(d(images, CAPTIONS)[(0, 1)], out[(0, 1)].detach())
+
+
+def test_spectral_normalisation_bounds_every_weight():
+    d = _build(channels=(8, 16, 32))
+    d.train()
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(30):  # power iterations converge to each weight's top singular value
+        d(x, CAPTIONS[:2])
+    d.eval()
+    for name, module in d.named_modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear) and "text_encoder" not in name:
+            sigma = float(torch.linalg.matrix_norm(module.weight.detach().flatten(1), ord=2))
+            assert sigma == pytest.approx(1.0, abs=0.02), name
+    plain = _build(normalization="none")
+    sigmas = [
+        float(torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2))
+        for m in plain.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+    assert max(abs(s - 1) for s in sigmas) > 0.1
+
+
+def test_r1_through_the_losses_is_finite_and_positive(images):
+    d = _build(input_levels=2)
+    ctx = LossContext(
+        phase="D",
+        step=0,
+        real=images,
+        texts=CAPTIONS,
+        generator=None,
+        discriminator=d,
+        fake_pyramid=build_pyramid(images, 3),
+    )
+    terms = R1Penalty(R1PenaltySpec(gamma=1.0, interval=1)).discriminator_terms(ctx)
+    assert torch.isfinite(terms["r1"]) and terms["r1"] > 0
+    terms["r1"].backward()
+    assert d.stages[0].parametrizations.weight.original.grad is not None
+
+
+def test_unconditional_discriminator(images):
+    torch.manual_seed(0)
+    d = ProjectionDiscriminator.from_spec(_spec(text_encoder=None))
+    assert not d.conditional and d.encode_text(None) is None
+    assert d(images)[(0, 1)].shape == (4, 1, 1)
+    with pytest.raises(InputError, match="unconditional; it takes no texts"):
+        d(images, CAPTIONS)
+    with pytest.raises(InputError, match="got a text_encoder"):
+        ProjectionDiscriminator.from_spec(_spec(text_encoder=None), text_encoder=FakeTextEncoder())
+
+
+def test_bad_inputs_name_the_problem(images):
+    d = _build()
+    with pytest.raises(InputError, match=r"shape \(b, 3, 32, 32\)"):
+        d(torch.randn(2, 3, 16, 16), CAPTIONS[:2])
+    with pytest.raises(InputError, match="text-conditional; pass texts"):
+        d(images)
+    with pytest.raises(InputError, match="got 2 texts for a batch of 4"):
+        d(images, CAPTIONS[:2])
+    with pytest.raises(InputError, match="pass texts or text_embedding, not both"):
+        d(images, CAPTIONS, text_embedding=d.encode_text(CAPTIONS))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"resolution": 24}, "power of two"),
+        ({"channels": (8, 0)}, "must all be positive"),
+        ({"resolution": 8, "channels": (4, 4, 4, 4)}, "4 stride-2 stages do not fit a 8-px"),
+        ({"input_levels": 4}, r"input_levels \(4\) must be at most the number of stages \(3\)"),
+    ],
+)
+def test_spec_validation_names_the_field(overrides, message):
+    with pytest.raises(ValidationError, match=message):
+        _spec(**overrides)
+
+
+def test_built_through_the_registry_and_round_trips(images, tmp_path):
+    spec = TypeAdapter(AnyDiscriminator).validate_python(_spec().model_dump())
+    assert isinstance(spec, ProjectionDiscriminatorSpec)
+    torch.manual_seed(0)
+    d = get_registry().build(spec)
+    assert isinstance(d, ProjectionDiscriminator)
+    d.train()
+    for _ in range(3):  # move the power-iteration vectors off their initial values
+        d(images, CAPTIONS)
+    d.eval()
+    expected = d(images, CAPTIONS)[(0, 1)]
+    folder = d.save_pretrained(tmp_path / "d")
+    state = load_file(folder / "model.safetensors")
+    assert any(key.endswith("._u") for key in state)  # the power-iteration state is saved
+    loaded = ProjectionDiscriminator.from_pretrained(folder)
+    torch.testing.assert_close(loaded(images, CAPTIONS)[(0, 1)], expected, rtol=0, atol=0)
+    del state["to_logit.0.parametrizations.weight.original"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(PretrainedError, match=r"to_logit\.0\.parametrizations\.weight\.original"):
+        ProjectionDiscriminator.from_pretrained(folder)
