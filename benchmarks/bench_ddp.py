@@ -1,6 +1,6 @@
 """Throughput of `gigagan train` on 2 processes (torchrun, gloo) against 1, on this machine.
 
-Both runs train the demo run spec (cpu-demo model, 32 px) for the same number of steps with
+Both runs train the demo-paper run spec (cpu-demo model, 32 px) for the same number of steps with
 the same per-process batch, so the 2-process run shows twice the images per step; the
 ratio printed is images/s (2 processes) over images/s (1 process), measured after a warm-up
 from the metrics each run logs.
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="per process")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    base = load_spec(resolve_spec_path("demo"), RunSpec)
+    base = load_spec(resolve_spec_path("demo-paper"), RunSpec)
     data = base.model_dump()
     data.update(
         steps=args.steps,

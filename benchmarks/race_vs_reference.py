@@ -12,8 +12,9 @@ the same prompts, the same real images and the same classifier
 accuracy of the attributes the prompts ask for, and the Fréchet distance in the attribute
 classifier's feature space with its real-vs-real floor.
 
-- **Ours**: the ``demo`` run preset (the ``cpu-demo`` model: its random-weight CLIP-style
-  text tower, adversarial + matching-aware losses, lazy R1) through
+- **Ours**: the ``demo-paper`` run preset (the ``cpu-demo`` model, the paper's architecture
+  at the reference's parameter counts: its random-weight CLIP-style text tower,
+  adversarial + matching-aware losses, lazy R1) through
   :class:`gigagan_train.loop.Trainer` with ``max_minutes``; G-EMA generates.
 - **Reference**: ``gigagan-pytorch==0.3.0``, imported only in a subprocess of
   ``--ref-python`` and used as a package, with its own losses and defaults (Adam 2e-4,
@@ -276,7 +277,7 @@ def train_ours(out: Path, minutes: float, seed: int) -> tuple[Any, dict[str, Any
     from gigagan_train.presets import preset_path
     from gigagan_train.spec import RunSpec
 
-    demo = load_spec(preset_path("demo"), RunSpec)
+    demo = load_spec(preset_path("demo-paper"), RunSpec)
     huge = 10**9
     spec = RunSpec.model_validate(
         {

@@ -23,12 +23,14 @@ def tiny() -> ModelPreset:
 
 
 def test_presets_are_listed_and_validate():
-    assert preset_names() == ["cpu-demo", "paper-64", "tiny"]
+    assert preset_names() == ["cpu-caption", "cpu-demo", "paper-64", "tiny"]
     for name in preset_names():
         preset = load_preset(name)
         assert preset.generator.resolution == preset.discriminator.resolution
         assert load_preset(preset_path(name)) == preset
-    with pytest.raises(ValueError, match="unknown model preset 'huge'; presets: cpu-demo"):
+    with pytest.raises(
+        ValueError, match="unknown model preset 'huge'; presets: cpu-caption, cpu-demo"
+    ):
         load_preset("huge")
 
 

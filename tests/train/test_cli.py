@@ -61,7 +61,8 @@ def test_spec_prints_a_preset_that_validates(capsys, tmp_path: Path):
     assert load_spec(tmp_path / "run.toml", RunSpec).name == "demo"
     assert main(["spec", "nope"]) == 2
     assert (
-        capsys.readouterr().err == "error: no preset named 'nope'; presets: demo, upsample-demo\n"
+        capsys.readouterr().err
+        == "error: no preset named 'nope'; presets: demo, demo-paper, upsample-demo\n"
     )
 
 
@@ -72,7 +73,7 @@ def test_train_dry_run_on_the_default_writes_spec_and_sample_grid(capsys, tmp_pa
     rows = {line.split()[0]: line.split()[1:3] for line in stdout.splitlines()[1:4]}
     assert rows == {
         "generator": ["generator", "gigagan"],
-        "discriminator": ["discriminator", "ms-io"],
+        "discriminator": ["discriminator", "projection"],
         "dataset": ["dataset", "synthetic-shapes"],
     }
     assert (out / "initial_samples.png").is_file()
