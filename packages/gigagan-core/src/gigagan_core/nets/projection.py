@@ -1,11 +1,11 @@
 """A small spectral-norm projection discriminator (Miyato & Koyama 2018) with pyramid inputs.
 
 The paper's MS-I/O discriminator (:mod:`gigagan_core.nets.discriminator`) is the default of
-every model preset but the CPU demo. At the demo's scale (32 px, 2 CPU cores, ten minutes)
+every model preset but ``cpu-caption``. At the demo's scale (32 px, 2 CPU cores, ten minutes)
 this one teaches a generator its captions far sooner (``docs/training.md``, "What the demo
-learns in 10 minutes"): it costs a fifth of the MS-I/O network per image, and spectral
-normalisation keeps its input gradient smooth without a gradient penalty. Data flow for
-``b`` images and captions::
+learns in 10 minutes"): it costs about a fifth of the MS-I/O network per image, and
+spectral normalisation bounds each layer's Lipschitz constant, so the demo trains it without
+an R1 penalty. Data flow for ``b`` images and captions::
 
     captions --frozen text encoder--> pooled embedding e (b e)
     x_0 (b 3 R R) --conv 4x4 stride 2 + lrelu--> ... (one stage per entry of ``channels``)
