@@ -215,3 +215,18 @@ def test_built_through_the_registry_and_round_trips(images, tmp_path):
     save_file(state, folder / "model.safetensors")
     with pytest.raises(PretrainedError, match=r"to_logit\.0\.parametrizations\.weight\.original"):
         ProjectionDiscriminator.from_pretrained(folder)
+
+
+def test_minibatch_stddev_stays_within_each_stacked_batch(images):
+    d = _build(mbstd_group=2).eval()
+    other = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    e = d.encode_text(CAPTIONS)
+    both = d(torch.cat([images, other]), text_embedding=torch.cat([e, e]), stacked=2)[(0, 1)]
+    alone = [d(x, text_embedding=e)[(0, 1)] for x in (images, other)]
+    torch.testing.assert_close(both, torch.cat(alone))
+    # It does read the batch: a sample's logit changes when its group partner (sample n is
+    # grouped with n + b / G, as in StyleGAN2) changes.
+    swapped = d(torch.cat([images[:2], other[2:3], images[3:]]), text_embedding=e)[(0, 1)]
+    assert not torch.allclose(swapped[0], alone[0][0])
+    with pytest.raises(ValidationError, match=r"mbstd_channels \(3\) must divide the 16"):
+        _spec(mbstd_group=2, mbstd_channels=3)

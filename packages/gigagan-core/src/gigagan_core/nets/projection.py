@@ -34,7 +34,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from gigagan_core.errors import InputError
 from gigagan_core.layers.checks import check_captions, check_tensor
-from gigagan_core.nets.discriminator import DiscriminatorOutput
+from gigagan_core.nets.discriminator import DiscriminatorOutput, minibatch_std
 from gigagan_core.nets.pyramid import build_pyramid, check_pyramid
 from gigagan_core.nets.text_features import TextFeatures
 from gigagan_core.pretrained import PretrainedMixin
@@ -71,6 +71,14 @@ class ProjectionDiscriminatorSpec(ComponentSpec):
         description="'last': one logit per image from the last stage; 'every': each stage's "
         "pooled features get their own logit and projection (keys (0, s + 1)).",
     )
+    mbstd_group: int = Field(
+        0,
+        ge=0,
+        description="Minibatch standard deviation (StyleGAN2) before the last stage: groups of "
+        "this many samples (the whole batch if it does not divide it); 0 = off. A generator "
+        "that gives every latent the same image then looks fake.",
+    )
+    mbstd_channels: int = Field(1, ge=1, description="Channel slices of the minibatch stddev.")
     negative_slope: float = Field(0.1, ge=0, lt=1, description="Leaky ReLU slope.")
     normalization: Literal["spectral", "none"] = Field(
         "spectral",
@@ -108,6 +116,12 @@ class ProjectionDiscriminatorSpec(ComponentSpec):
             raise ValueError(
                 f"input_levels ({self.input_levels}) must be at most the number of stages "
                 f"({len(self.channels)}): level s enters before stage s"
+            )
+        entering = (self.image_channels, *self.channels)[len(self.channels) - 1]
+        if self.mbstd_group and entering % self.mbstd_channels:
+            raise ValueError(
+                f"mbstd_channels ({self.mbstd_channels}) must divide the {entering} channels "
+                "entering the last stage"
             )
         return self
 
@@ -152,8 +166,11 @@ class ProjectionDiscriminator(PretrainedMixin, nn.Module):
         norm = spectral_norm if spec.normalization == "spectral" else (lambda m: m)
 
         widths = (spec.image_channels, *spec.channels)
+        last = len(spec.channels) - 1
+        self.mbstd = spec.mbstd_group > 0
+        extra = [spec.mbstd_channels if self.mbstd and s == last else 0 for s in range(last + 1)]
         self.stages = nn.ModuleList(
-            norm(nn.Conv2d(widths[s], widths[s + 1], 4, stride=2, padding=1))
+            norm(nn.Conv2d(widths[s] + extra[s], widths[s + 1], 4, stride=2, padding=1))
             for s in range(len(spec.channels))
         )
         # from_rgb[s - 1] brings pyramid level s (s >= 1) into the features entering stage s.
@@ -263,8 +280,9 @@ class ProjectionDiscriminator(PretrainedMixin, nn.Module):
     ) -> DiscriminatorOutput:
         """One logit per image (per read stage); see the class docstring for the inputs.
 
-        ``stacked`` (several independent batches concatenated) is accepted for the losses'
-        stacked calls; nothing here mixes samples, so it changes nothing.
+        ``stacked``: the batch is that many independent batches of equal size concatenated
+        (the losses' stacked calls); the minibatch stddev, the only thing that mixes
+        samples, stays within each, so every logit equals that of a call on its own batch.
         """
         pyramid = self._as_pyramid(images)
         b = pyramid[0].shape[0]
@@ -291,6 +309,8 @@ class ProjectionDiscriminator(PretrainedMixin, nn.Module):
         for s, stage in enumerate(self.stages):
             if 1 <= s < self.spec.input_levels:
                 h = h + self.from_rgb[s - 1](pyramid[s].to(dtype))
+            if self.mbstd and s == len(self.stages) - 1:
+                h = minibatch_std(h, self.spec.mbstd_group, self.spec.mbstd_channels, stacked)
             h = F.leaky_relu(stage(h), slope)
             if s in self.read_stages:
                 k = self.read_stages.index(s)
