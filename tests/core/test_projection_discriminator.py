@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import load_file, save_file
-from tests.core.test_discriminator import CAPTIONS, FakeTextEncoder, _FakePlugin
+from tests.core.test_discriminator import (  # the autouse fixture registers the fake encoder
+    CAPTIONS,
+    FakeTextEncoder,
+    _registry_with_fake_encoder,  # noqa: F401
+)
 
 from gigagan_core.errors import InputError
 from gigagan_core.nets import (
@@ -18,19 +20,11 @@ from gigagan_core.nets import (
     build_pyramid,
     check_discriminator_output,
 )
-from gigagan_core.plugins import get_registry, load_registry, use_registry
+from gigagan_core.plugins import get_registry
 from gigagan_core.pretrained import PretrainedError
 from gigagan_core.specs import AnyDiscriminator
 from gigagan_losses.adversarial import R1Penalty, R1PenaltySpec
 from gigagan_losses.base import LossContext
-
-
-@pytest.fixture(autouse=True)
-def _registry_with_fake_encoder() -> Iterator[None]:
-    registry = load_registry(autoload=False)
-    registry.register_plugin(_FakePlugin, "fake-text")
-    with use_registry(registry):
-        yield
 
 
 class PooledFakeEncoder(FakeTextEncoder):

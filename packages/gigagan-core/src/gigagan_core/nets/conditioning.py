@@ -15,10 +15,18 @@ from torch import Tensor, nn
 
 from gigagan_core.errors import InputError
 from gigagan_core.layers.attention import L2SelfAttention
+from gigagan_core.layers.checks import check_captions
 from gigagan_core.layers.equalized import EqualizedLinear
 from gigagan_core.nets.text_features import TextFeatures
 
-__all__ = ["TextConditioning", "TextTransformer", "build_text_path", "split_global_local"]
+__all__ = [
+    "TextConditioning",
+    "TextTransformer",
+    "build_text_encoder",
+    "build_text_path",
+    "caption_features",
+    "split_global_local",
+]
 
 
 @dataclass(frozen=True)
@@ -150,19 +158,14 @@ class TextTransformer(nn.Module):
         return split_global_local(x, features.mask, features.eot_index)
 
 
-def build_text_path(
-    encoder_spec: Any,
-    text_encoder: nn.Module | None,
-    text_dim: int,
-    text_layers: int,
-    text_heads: int,
-    owner: str,
-) -> tuple[nn.Module | None, TextTransformer | None]:
-    """The frozen encoder and learned ``T`` of a network whose spec names ``encoder_spec``.
+def build_text_encoder(
+    encoder_spec: Any, text_encoder: nn.Module | None, owner: str
+) -> nn.Module | None:
+    """The frozen text encoder of a network whose spec names ``encoder_spec``.
 
     A passed ``text_encoder`` is shared (e.g. between generator and discriminator);
     otherwise the spec's encoder is built through the plugin registry. ``encoder_spec=None``
-    is an unconditional network: ``(None, None)``. ``owner`` names the network in errors.
+    is an unconditional network: ``None``. ``owner`` names the network in errors.
     """
     if encoder_spec is None and text_encoder is not None:
         raise InputError(
@@ -179,9 +182,32 @@ def build_text_path(
             f"the shared text_encoder does not match this {owner}'s spec: it is "
             f"{shared_spec!r}, the spec names {encoder_spec!r}"
         )
+    return text_encoder
+
+
+def build_text_path(
+    encoder_spec: Any,
+    text_encoder: nn.Module | None,
+    text_dim: int,
+    text_layers: int,
+    text_heads: int,
+    owner: str,
+) -> tuple[nn.Module | None, TextTransformer | None]:
+    """The frozen encoder (:func:`build_text_encoder`) and the learned ``T`` on top of it;
+    ``(None, None)`` for an unconditional network."""
+    text_encoder = build_text_encoder(encoder_spec, text_encoder, owner)
     if text_encoder is None:
         return None, None
     width = getattr(text_encoder, "width", None)
     if not isinstance(width, int):
         raise TypeError("the text encoder must have an integer 'width' (token feature width)")
     return text_encoder, TextTransformer(width, text_dim, text_layers, text_heads)
+
+
+def caption_features(text_encoder: nn.Module, texts: Any) -> TextFeatures:
+    """Captions (one string or a list, checked) through ``text_encoder``, or precomputed
+    :class:`TextFeatures` as they are."""
+    if isinstance(texts, TextFeatures):
+        return texts
+    check_captions(texts, "texts")
+    return text_encoder([texts] if isinstance(texts, str) else list(texts))

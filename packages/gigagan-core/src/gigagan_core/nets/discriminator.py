@@ -44,11 +44,11 @@ from torch.utils.checkpoint import checkpoint
 from gigagan_core.errors import InputError
 from gigagan_core.layers.adaptive_conv import AdaptiveConv2d
 from gigagan_core.layers.attention import L2SelfAttention
-from gigagan_core.layers.checks import check_captions, check_tensor
+from gigagan_core.layers.checks import check_tensor
 from gigagan_core.layers.equalized import EqualizedConv2d, EqualizedLinear
 from gigagan_core.layers.modes import functorch_active
-from gigagan_core.nets.conditioning import build_text_path
-from gigagan_core.nets.pyramid import build_pyramid, check_pyramid
+from gigagan_core.nets.conditioning import build_text_path, caption_features
+from gigagan_core.nets.pyramid import as_pyramid
 from gigagan_core.nets.text_features import TextFeatures
 from gigagan_core.pretrained import PretrainedMixin
 from gigagan_core.specs import (
@@ -679,11 +679,7 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
                 "TextFeatures) or text_embedding"
             )
         assert self.text_encoder is not None and self.text_transformer is not None
-        if not isinstance(texts, TextFeatures):
-            check_captions(texts, "texts")
-        if isinstance(texts, str):
-            texts = [texts]
-        features = texts if isinstance(texts, TextFeatures) else self.text_encoder(list(texts))
+        features = caption_features(self.text_encoder, texts)
         t = self.text_transformer(features.to(self._device())).t_global
         if batch_size is not None and t.shape[0] != batch_size:
             raise InputError(f"got {t.shape[0]} texts for a batch of {batch_size} images")
@@ -692,28 +688,7 @@ class MultiScaleDiscriminator(PretrainedMixin, nn.Module):
     # ---- images ---------------------------------------------------------------------------
 
     def _as_pyramid(self, images: Tensor | Sequence[Tensor]) -> list[Tensor]:
-        channels, resolution = self.spec.image_channels, self.spec.resolution
-        # A generator's or upsampler's output object stands for its pyramid.
-        images = getattr(images, "pyramid", images)
-        if isinstance(images, Tensor):
-            shape = f"b {channels} {resolution} {resolution}"
-            check_tensor(images, "images", shape=shape, ndim=4)
-            if images.shape[1:] != (channels, resolution, resolution):
-                raise InputError(
-                    f"images must be 'b c h w' with shape (b, {channels}, {resolution}, "
-                    f"{resolution}), or the full pyramid; got {tuple(images.shape)}"
-                )
-            return build_pyramid(images, self.levels)
-        if isinstance(images, str) or not isinstance(images, Sequence):
-            raise InputError(
-                f"images must be a tensor 'b c h w' or a list of pyramid levels, got "
-                f"{type(images).__name__}"
-            )
-        pyramid = list(images)
-        for i, level in enumerate(pyramid):
-            check_tensor(level, f"images[{i}]", shape="b c h w", ndim=4)
-        check_pyramid(pyramid, self.resolutions, channels)
-        return pyramid
+        return as_pyramid(images, self.resolutions, self.spec.image_channels)
 
     def forward(
         self,

@@ -33,9 +33,10 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from gigagan_core.errors import InputError
-from gigagan_core.layers.checks import check_captions, check_tensor
+from gigagan_core.layers.checks import check_tensor
+from gigagan_core.nets.conditioning import build_text_encoder, caption_features
 from gigagan_core.nets.discriminator import DiscriminatorOutput, minibatch_std
-from gigagan_core.nets.pyramid import build_pyramid, check_pyramid
+from gigagan_core.nets.pyramid import as_pyramid
 from gigagan_core.nets.text_features import TextFeatures
 from gigagan_core.pretrained import PretrainedMixin
 from gigagan_core.specs import AnyTextEncoder, ComponentSpec, require_spec
@@ -149,20 +150,7 @@ class ProjectionDiscriminator(PretrainedMixin, nn.Module):
         super().__init__()
         require_spec(spec, ProjectionDiscriminatorSpec, type(self).__name__)
         self.spec = spec
-        if spec.text_encoder is None and text_encoder is not None:
-            raise InputError(
-                "the spec describes an unconditional discriminator (text_encoder is null); "
-                "got a text_encoder"
-            )
-        if spec.text_encoder is not None and text_encoder is None:
-            text_encoder = spec.text_encoder.build()
-        shared = getattr(text_encoder, "spec", None)
-        if spec.text_encoder is not None and shared is not None and shared != spec.text_encoder:
-            raise InputError(
-                "the shared text_encoder does not match this discriminator's spec: it is "
-                f"{shared!r}, the spec names {spec.text_encoder!r}"
-            )
-        self.text_encoder = text_encoder
+        self.text_encoder = build_text_encoder(spec.text_encoder, text_encoder, "discriminator")
         norm = spectral_norm if spec.normalization == "spectral" else (lambda m: m)
 
         widths = (spec.image_channels, *spec.channels)
@@ -181,17 +169,14 @@ class ProjectionDiscriminator(PretrainedMixin, nn.Module):
         self.read_stages = tuple(read)
         self.to_logit = nn.ModuleList(norm(nn.Linear(spec.channels[s], 1)) for s in read)
         self.embed: nn.ModuleList | None = None
-        if text_encoder is not None:
-            dim = self._embedding_width(text_encoder)
+        if self.text_encoder is not None:
+            dim = self._embedding_width(self.text_encoder)
             self.embed = nn.ModuleList(
                 norm(nn.Linear(dim, spec.channels[s], bias=False)) for s in read
             )
 
     @staticmethod
     def _embedding_width(text_encoder: nn.Module) -> int:
-        probe = getattr(text_encoder, "pooled_dim", None)
-        if isinstance(probe, int):
-            return probe
         with torch.no_grad():
             features = text_encoder([""])
         source = features.pooled if features.pooled is not None else features.tokens[:, 0]
@@ -233,11 +218,7 @@ class ProjectionDiscriminator(PretrainedMixin, nn.Module):
                 "TextFeatures) or text_embedding"
             )
         assert self.text_encoder is not None
-        if not isinstance(texts, TextFeatures):
-            check_captions(texts, "texts")
-        if isinstance(texts, str):
-            texts = [texts]
-        features = texts if isinstance(texts, TextFeatures) else self.text_encoder(list(texts))
+        features = caption_features(self.text_encoder, texts)
         if features.pooled is not None:
             e = features.pooled
         else:
@@ -249,26 +230,7 @@ class ProjectionDiscriminator(PretrainedMixin, nn.Module):
         return e
 
     def _as_pyramid(self, images: Any) -> list[Tensor]:
-        channels, resolution = self.spec.image_channels, self.spec.resolution
-        images = getattr(images, "pyramid", images)
-        if isinstance(images, Tensor):
-            check_tensor(images, "images", shape=f"b {channels} {resolution} {resolution}", ndim=4)
-            if images.shape[1:] != (channels, resolution, resolution):
-                raise InputError(
-                    f"images must be 'b c h w' with shape (b, {channels}, {resolution}, "
-                    f"{resolution}), or a pyramid; got {tuple(images.shape)}"
-                )
-            return build_pyramid(images, self.levels) if self.levels > 1 else [images]
-        if isinstance(images, str) or not isinstance(images, Sequence):
-            raise InputError(
-                f"images must be a tensor 'b c h w' or a list of pyramid levels, got "
-                f"{type(images).__name__}"
-            )
-        pyramid = list(images)[: self.levels]
-        for i, level in enumerate(pyramid):
-            check_tensor(level, f"images[{i}]", shape="b c h w", ndim=4)
-        check_pyramid(pyramid, self.resolutions, channels)
-        return pyramid
+        return as_pyramid(images, self.resolutions, self.spec.image_channels, extra_levels=True)
 
     def forward(
         self,

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from gigagan_core.errors import InputError
+from gigagan_core.layers.checks import check_tensor
 
-__all__ = ["build_pyramid", "check_pyramid"]
+__all__ = ["as_pyramid", "build_pyramid", "check_pyramid"]
 
 
 def build_pyramid(image: Tensor, levels: int) -> list[Tensor]:
@@ -49,3 +51,35 @@ def check_pyramid(
                 f"{name}[{i}]: expected shape (b={batch}, {channels}, {r}, {r}), "
                 f"got {tuple(x.shape)}"
             )
+
+
+def as_pyramid(
+    images: Any, resolutions: Sequence[int], channels: int, *, extra_levels: bool = False
+) -> list[Tensor]:
+    """A discriminator's image input as the pyramid at ``resolutions`` (highest first).
+
+    ``images`` is a full-resolution batch ``b c R R`` (its pyramid is built by 2x2 means), a
+    list of levels, or an object with a ``pyramid`` (a generator's or upsampler's output).
+    With ``extra_levels`` a longer pyramid is cut to the levels asked for (a discriminator
+    that reads only the first ones); otherwise it must match exactly.
+    """
+    resolution = resolutions[0]
+    images = getattr(images, "pyramid", images)
+    if isinstance(images, Tensor):
+        check_tensor(images, "images", shape=f"b {channels} {resolution} {resolution}", ndim=4)
+        if images.shape[1:] != (channels, resolution, resolution):
+            raise InputError(
+                f"images must be 'b c h w' with shape (b, {channels}, {resolution}, "
+                f"{resolution}), or the pyramid; got {tuple(images.shape)}"
+            )
+        return build_pyramid(images, len(resolutions))
+    if isinstance(images, str) or not isinstance(images, Sequence):
+        raise InputError(
+            f"images must be a tensor 'b c h w' or a list of pyramid levels, got "
+            f"{type(images).__name__}"
+        )
+    pyramid = list(images)[: len(resolutions)] if extra_levels else list(images)
+    for i, level in enumerate(pyramid):
+        check_tensor(level, f"images[{i}]", shape="b c h w", ndim=4)
+    check_pyramid(pyramid, resolutions, channels)
+    return pyramid
