@@ -84,7 +84,7 @@ def fit(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=64, help="triples to fit (one batch)")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=150, help="Adam steps (at least 4)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -92,6 +92,14 @@ def main() -> None:
     )
     parser.add_argument("--skip-plain", action="store_true")
     args = parser.parse_args()
+    if args.steps < 4 or args.n < 1:
+        parser.error(f"--steps must be at least 4 and --n at least 1, got {args.steps}, {args.n}")
+    variants = DEFAULT_VARIANTS
+    if args.variant:
+        try:
+            variants = [(name, json.loads(text)) for name, text in args.variant]
+        except json.JSONDecodeError as err:
+            parser.error(f"--variant: not JSON ({err})")
     torch.set_num_threads(args.threads)
     data = SyntheticShapes.from_spec(SyntheticShapesSpec(resolution=32, size=10_000, seed=0))
     items = [data[i] for i in range(args.n)]
@@ -101,7 +109,6 @@ def main() -> None:
     report = tuple(sorted({args.steps // 4, args.steps // 2, args.steps}))
     preset = load_preset("cpu-demo")
     base = preset.generator.model_dump(mode="json")
-    variants = [(n, json.loads(j)) for n, j in args.variant] if args.variant else DEFAULT_VARIANTS
     print(f"mean-image MSE (variance of the images): {float(images.var(dim=0).mean()):.4f}")
     header = ["generator", *[f"MSE @{s}" for s in report], "ms/step", "params"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
@@ -118,7 +125,11 @@ def main() -> None:
             gen: nn.Module = PlainGenerator(CaptionEmbedding(encoder), 128)
             texts: Any = captions
         else:
-            spec = GeneratorSpec.model_validate(_merge(base, over))
+            try:
+                spec = GeneratorSpec.model_validate(_merge(base, over))
+            except ValueError as err:
+                first = str(err).splitlines()
+                parser.error(f"--variant {name!r}: {' '.join(first[:3])}")
             gen = Generator.from_spec(spec)
             texts = gen.text_encoder(captions)
         params = sum(p.numel() for p in trainable_parameters(gen))
