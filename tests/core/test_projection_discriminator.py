@@ -23,7 +23,14 @@ from gigagan_core.nets import (
 from gigagan_core.plugins import get_registry
 from gigagan_core.pretrained import PretrainedError
 from gigagan_core.specs import AnyDiscriminator
-from gigagan_losses.adversarial import R1Penalty, R1PenaltySpec
+from gigagan_losses.adversarial import (
+    AdversarialLoss,
+    AdversarialLossSpec,
+    MatchingAwareLoss,
+    MatchingAwareLossSpec,
+    R1Penalty,
+    R1PenaltySpec,
+)
 from gigagan_losses.base import LossContext
 
 
@@ -224,3 +231,122 @@ def test_minibatch_stddev_stays_within_each_stacked_batch(images):
     assert not torch.allclose(swapped[0], alone[0][0])
     with pytest.raises(ValidationError, match=r"mbstd_channels \(3\) must divide the 16"):
         _spec(mbstd_group=2, mbstd_channels=3)
+
+
+# ---- caption sets: the image features once, every caption scored --------------------------
+
+
+def test_caption_sets_equal_the_images_repeated_and_stacked(images):
+    d = _build(mbstd_group=2, outputs="every").double().eval()
+    other = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    e = d.encode_text(CAPTIONS).double()
+    rolled = torch.roll(e, 1, dims=0)
+    x = torch.cat([images, other]).double()  # two stacked batches, two caption sets each
+    t = torch.cat([e, e, rolled, rolled])
+    shared = d(x, text_embedding=t, stacked=2, caption_sets=2)
+    repeated = d(torch.cat([x, x]), text_embedding=t, stacked=4)
+    assert set(shared.pairs()) == set(repeated.pairs()) == {(0, 1), (0, 2), (0, 3)}
+    for pair in shared.pairs():
+        assert shared[pair].shape == (16, 1, 1)
+        torch.testing.assert_close(shared[pair], repeated[pair])
+    # the same gradients reach every parameter
+    grads = []
+    calls = (({"stacked": 2, "caption_sets": 2}, x), ({"stacked": 4}, torch.cat([x, x])))
+    for kwargs, inp in calls:
+        d.zero_grad(set_to_none=True)
+        out = d(inp, text_embedding=t, **kwargs)
+        weights = torch.arange(16, dtype=torch.float64)[:, None, None]
+        sum((out[p] * weights).sum() for p in out.pairs()).backward()
+        grads.append({n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 6
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name])
+
+
+def test_caption_sets_take_captions_and_name_a_wrong_row_count(images):
+    d = _build().eval()
+    e = d.encode_text(CAPTIONS)
+    by_text = d(images, CAPTIONS + CAPTIONS[::-1], caption_sets=2)[(0, 1)]
+    by_embedding = d(images, text_embedding=torch.cat([e, e.flip(0)]), caption_sets=2)[(0, 1)]
+    torch.testing.assert_close(by_text, by_embedding)
+    with pytest.raises(
+        InputError, match=r"8 rows for a batch of 4 \(3 caption sets\); expected 12"
+    ):
+        d(images, text_embedding=torch.cat([e, e]), caption_sets=3)
+    with pytest.raises(InputError, match="caption_sets must be a positive integer, got 0"):
+        d(images, text_embedding=e, caption_sets=0)
+    torch.manual_seed(0)
+    unconditional = ProjectionDiscriminator.from_spec(_spec(text_encoder=None))
+    with pytest.raises(InputError, match="caption_sets needs a text-conditional discriminator"):
+        unconditional(images, caption_sets=2)
+
+
+class _BatchCounter:
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.batches: list[int] = []
+        self.handle = module.register_forward_pre_hook(
+            lambda m, args: self.batches.append(args[0][0].shape[0])
+        )
+
+
+def _context_terms(d, phase, images, fake, losses, share):
+    d.zero_grad(set_to_none=True)
+    counter = _BatchCounter(d)
+    target = d if share else _NoCaptionSets(d)
+    ctx = LossContext(
+        phase=phase,
+        step=0,
+        real=images,
+        texts=CAPTIONS,
+        generator=None,
+        discriminator=target,
+        fake_pyramid=build_pyramid(fake, 3),
+    )
+    passes = [n for loss in losses if loss.active(ctx) for n in loss.discriminator_passes(ctx)]
+    ctx.prefetch(*passes)
+    terms = {}
+    for loss in losses:
+        terms.update(loss(ctx))
+    torch.stack(list(terms.values())).sum().backward()
+    counter.handle.remove()
+    grads = {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}
+    return terms, grads, counter.batches, fake.grad
+
+
+class _NoCaptionSets(torch.nn.Module):
+    """The same discriminator behind a forward without ``caption_sets`` (the stacked path)."""
+
+    def __init__(self, d: ProjectionDiscriminator) -> None:
+        super().__init__()
+        self.d = d
+        self.conditional = True
+        self.encode_text = d.encode_text
+
+    def forward(self, images, texts=None, *, text_embedding=None, stacked=1):
+        return self.d(images, texts, text_embedding=text_embedding, stacked=stacked)
+
+
+@pytest.mark.parametrize("phase", ["D", "G"])
+def test_the_matching_aware_loss_costs_no_extra_image_pass(images, phase):
+    d = _build(mbstd_group=2, input_levels=2).eval()
+    losses = [AdversarialLoss(AdversarialLossSpec()), MatchingAwareLoss(MatchingAwareLossSpec())]
+    fake = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    results = []
+    for share in (True, False):
+        x = fake.clone().requires_grad_(phase == "G")
+        results.append(_context_terms(d, phase, images, x, losses, share))
+    (got, got_grads, got_calls, got_gx), (want, want_grads, want_calls, want_gx) = results
+    # D phase: real and fake once (8 images) where the stacked path sends 12; G phase: the
+    # fakes once where it sends them twice
+    assert (got_calls, want_calls) == (([8], [12]) if phase == "D" else ([4], [8]))
+    expected = (
+        {"adv_real", "adv_fake", "match_real"} if phase == "D" else {"adv_fake", "match_fake"}
+    )
+    assert set(got) == set(want) == expected
+    for key in got:
+        torch.testing.assert_close(got[key], want[key])
+    assert got_grads.keys() == want_grads.keys() and got_grads
+    for name in got_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name])
+    if phase == "G":
+        torch.testing.assert_close(got_gx, want_gx)

@@ -28,7 +28,11 @@ both in one call on the real and fake images stacked along the batch, and
 ``ctx.prefetch("real", "fake", "real_mismatched")`` with the matching-aware loss). It needs
 a discriminator whose forward takes ``stacked=k`` (``k`` independent batches concatenated,
 minibatch statistics kept within each, as :class:`~gigagan_core.nets.MultiScaleDiscriminator`
-does); any other discriminator gets one call per output, as before.
+does); any other discriminator gets one call per output, as before. A discriminator whose
+image features do not depend on the caption and whose forward takes ``caption_sets=m``
+(:class:`~gigagan_core.nets.ProjectionDiscriminator`) gets the images once when passes want
+them with their own and with mismatched captions: the matching-aware loss then costs it no
+extra image pass.
 
 A context serves **one backward pass and one optimiser step**: its cached outputs hold the
 graph of that pass and the parameters as they were. To run another pass on the same batch
@@ -209,8 +213,6 @@ class LossContext:
     """Names of the cached passes, for :meth:`prefetch` (``"real"`` is :attr:`d_real`)."""
 
     def _pass_inputs(self, name: str) -> tuple[list[Tensor], Tensor | None]:
-        if name not in self.PASSES:
-            raise InputError(f"unknown discriminator pass {name!r}; expected one of {self.PASSES}")
         pyramid = self.real_pyramid if name.startswith("real") else self.fake_pyramid
         t = self.mismatched_text_embedding() if name.endswith("mismatched") else self.text_embedding
         if self.augment is not None:
@@ -229,6 +231,13 @@ class LossContext:
         todo = [n for n in dict.fromkeys(names) if f"d_{n}" not in self._cache]
         if not todo:
             return
+        for name in todo:
+            if name not in self.PASSES:
+                raise InputError(
+                    f"unknown discriminator pass {name!r}; expected one of {self.PASSES}"
+                )
+        if self._prefetch_caption_sets(todo):
+            return
         inputs = [self._pass_inputs(name) for name in todo]
         sizes = {p[0].shape[0] for p, _ in inputs}
         if len(todo) == 1 or len(sizes) > 1 or not _accepts_stacked(self.discriminator):
@@ -242,6 +251,41 @@ class LossContext:
         output = self.discriminator(pyramid, text_embedding=t, stacked=len(todo))
         for name, part in zip(todo, _split_output(output, len(todo)), strict=True):
             self._cache[f"d_{name}"] = part
+
+    def _prefetch_caption_sets(self, todo: list[str]) -> bool:
+        """Passes that need an image with both its own and a mismatched caption, from one
+        call of a discriminator that scores caption sets (``caption_sets=k``: its image
+        features do not depend on the caption, e.g. a projection discriminator). The images
+        of each source (real, fake) go in once, augmented once; every (source, caption)
+        combination comes back and is cached. Returns whether it ran."""
+        variants = list(dict.fromkeys(n.endswith("mismatched") for n in todo))
+        if len(variants) < 2 or not _accepts_keyword(self.discriminator, "caption_sets"):
+            return False
+        if self.text_embedding is None:
+            return False
+        sources = list(dict.fromkeys("real" if n.startswith("real") else "fake" for n in todo))
+        pyramids = []
+        for source in sources:
+            pyramid = list(self.real_pyramid if source == "real" else self.fake_pyramid)
+            pyramids.append(list(self.augment(pyramid)) if self.augment is not None else pyramid)
+        if len({p[0].shape[0] for p in pyramids}) > 1:
+            return False
+        levels = len(pyramids[0])
+        pyramid = [torch.cat([p[level] for p in pyramids]) for level in range(levels)]
+        own, other = self.text_embedding, self.mismatched_text_embedding()
+        sets = [own if not mismatched else other for mismatched in variants]
+        t = torch.cat([e for e in sets for _ in sources])
+        output = self.discriminator(
+            pyramid, text_embedding=t, stacked=len(sources), caption_sets=len(variants)
+        )
+        parts = _split_output(output, len(sources) * len(variants))
+        k = 0
+        for mismatched in variants:
+            for source in sources:
+                key = f"d_{source}{'_mismatched' if mismatched else ''}"
+                self._cache.setdefault(key, parts[k])
+                k += 1
+        return True
 
     def _d_output(self, name: str) -> Any:
         key = f"d_{name}"
@@ -288,11 +332,16 @@ def _unwrapped(module: Any) -> Any:
 def _accepts_stacked(discriminator: Any) -> bool:
     """Whether the discriminator's forward names a ``stacked`` keyword (an explicit promise:
     a bare ``**kwargs`` is not one)."""
+    return _accepts_keyword(discriminator, "stacked")
+
+
+def _accepts_keyword(discriminator: Any, keyword: str) -> bool:
+    """Whether the discriminator's forward names ``keyword`` as a parameter."""
     forward = getattr(_unwrapped(discriminator), "forward", None)
     if forward is None:
         return False
     try:
-        parameter = inspect.signature(forward).parameters.get("stacked")
+        parameter = inspect.signature(forward).parameters.get(keyword)
     except (TypeError, ValueError):
         return False
     return parameter is not None and parameter.kind in (

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 from gigagan_core.errors import InputError
@@ -203,7 +204,12 @@ class ProjectionDiscriminator(PretrainedMixin, nn.Module):
         return self.spec.resolutions
 
     def _weight(self) -> Tensor:
-        return self.stages[0].weight
+        """The first stage's stored weight, for its dtype and device (reading a spectrally
+        normalised ``weight`` would run a power-iteration step)."""
+        stage = self.stages[0]
+        if parametrize.is_parametrized(stage, "weight"):
+            return stage.parametrizations.weight.original
+        return stage.weight
 
     def encode_text(self, texts: TextInput = None, batch_size: int | None = None) -> Tensor | None:
         """The caption embedding ``e`` (``b e``, float32): the frozen encoder's pooled output
@@ -239,30 +245,45 @@ class ProjectionDiscriminator(PretrainedMixin, nn.Module):
         *,
         text_embedding: Tensor | None = None,
         stacked: int = 1,
+        caption_sets: int = 1,
     ) -> DiscriminatorOutput:
         """One logit per image (per read stage); see the class docstring for the inputs.
 
         ``stacked``: the batch is that many independent batches of equal size concatenated
         (the losses' stacked calls); the minibatch stddev, the only thing that mixes
         samples, stays within each, so every logit equals that of a call on its own batch.
+
+        ``caption_sets``: score each of the ``b`` images against that many captions.
+        ``text_embedding`` (or ``texts``) then has ``caption_sets * b`` rows, set ``j`` in
+        rows ``j b .. (j + 1) b - 1`` with row ``j b + n`` for image ``n``, and the output has
+        the same rows. The image features do not depend on the caption, so they are computed
+        once: the same logits as one call on the images repeated ``caption_sets`` times with
+        ``stacked * caption_sets``, at the cost of one call on ``b`` images.
         """
         pyramid = self._as_pyramid(images)
         b = pyramid[0].shape[0]
         if not isinstance(stacked, int) or stacked < 1 or b % stacked:
             raise InputError(f"stacked must be a positive divisor of the batch {b}, got {stacked}")
+        if not isinstance(caption_sets, int) or caption_sets < 1:
+            raise InputError(f"caption_sets must be a positive integer, got {caption_sets}")
+        rows = caption_sets * b
         if text_embedding is not None:
             if texts is not None:
                 raise InputError("pass texts or text_embedding, not both")
             if not self.conditional:
                 raise InputError("this discriminator is unconditional; it takes no text")
             check_tensor(text_embedding, "text_embedding", shape="b e", ndim=2)
-            if text_embedding.shape[0] != b:
+            if text_embedding.shape[0] != rows:
+                sets = f" ({caption_sets} caption sets)" if caption_sets > 1 else ""
                 raise InputError(
                     f"text_embedding has {text_embedding.shape[0]} rows for a batch of {b}"
+                    f"{sets}; expected {rows}"
                 )
             e: Tensor | None = text_embedding
         else:
-            e = self.encode_text(texts, batch_size=b)
+            if caption_sets > 1 and not self.conditional:
+                raise InputError("caption_sets needs a text-conditional discriminator")
+            e = self.encode_text(texts, batch_size=rows)
 
         dtype = self._weight().dtype
         h = pyramid[0].to(dtype)
@@ -278,6 +299,9 @@ class ProjectionDiscriminator(PretrainedMixin, nn.Module):
                 k = self.read_stages.index(s)
                 pooled = h.sum(dim=(2, 3))
                 logit = self.to_logit[k](pooled).squeeze(1)
+                if caption_sets > 1:  # the image terms, once per caption set
+                    pooled = pooled.repeat(caption_sets, 1)
+                    logit = logit.repeat(caption_sets)
                 if e is not None:
                     assert self.embed is not None
                     logit = logit + (self.embed[k](e.to(dtype)) * pooled).sum(dim=1)
