@@ -354,20 +354,26 @@ def test_ada_trains_logs_its_probability_and_resumes_exactly(make_spec, tmp_path
     assert float(load_file(a / "augment/model.safetensors")["p"]) == ps[-1]
 
 
-def test_a_projection_discriminator_run_resumes_exactly(make_spec, tmp_path):
-    """The spectral norm's power-iteration vectors are D buffers: a resumed run continues
-    from them, so the split run's D, G and optimiser states equal the straight run's."""
+def _projection_d() -> dict:
     text_encoder = load_preset("tiny").discriminator.text_encoder.model_dump()
-    disc = {
+    return {
         "kind": "projection",
         "resolution": 16,
         "channels": [8, 16],
         "text_encoder": text_encoder,
     }
+
+
+@pytest.mark.parametrize("share_fakes", [False, True])
+def test_a_projection_discriminator_run_resumes_exactly(make_spec, tmp_path, share_fakes):
+    """The spectral norm's power-iteration vectors are D buffers: a resumed run continues
+    from them, so the split run's D, G and optimiser states equal the straight run's."""
+    disc = _projection_d()
     losses = [{"kind": "adversarial"}, {"kind": "matching-aware"}]
-    spec = make_spec(steps=4, discriminator=disc, losses=losses)
+    extra = {"discriminator": disc, "losses": losses, "share_fakes": share_fakes}
+    spec = make_spec(steps=4, **extra)
     Trainer(spec, tmp_path / "straight").fit()
-    Trainer(make_spec(steps=2, discriminator=disc, losses=losses), tmp_path / "split").fit()
+    Trainer(make_spec(steps=2, **extra), tmp_path / "split").fit()
     Trainer(spec, tmp_path / "split", resume=True).fit()
     a, b = find_checkpoint(tmp_path / "straight"), find_checkpoint(tmp_path / "split")
     d_state = load_file(a / "D/model.safetensors")
@@ -379,3 +385,29 @@ def test_a_projection_discriminator_run_resumes_exactly(make_spec, tmp_path):
     first = load_file(tmp_path / "split/checkpoints/step-000002/D/model.safetensors")
     moved = [k for k in d_state if k.endswith("._u") and not torch.equal(first[k], d_state[k])]
     assert moved  # the vectors did change between the checkpoints
+
+
+@pytest.mark.parametrize("share_fakes", [False, True])
+def test_share_fakes_runs_the_generator_once_per_step(make_spec, tmp_path, share_fakes):
+    """With share_fakes the D phase trains on the G phase's fakes: one generator forward per
+    step, and both networks still take their update from it."""
+    losses = [{"kind": "adversarial"}, {"kind": "matching-aware"}]
+    spec = make_spec(steps=1, discriminator=_projection_d(), losses=losses, share_fakes=share_fakes)
+    trainer = Trainer(spec, tmp_path / "run")
+    try:
+        outputs = []
+        handle = trainer.G.register_forward_hook(lambda m, a, out: outputs.append(out))
+        before = {
+            name: [p.detach().clone() for p in net.parameters() if p.requires_grad]
+            for name, net in (("G", trainer.G), ("D", trainer.D))
+        }
+        trainer.train_step(next(iter(trainer.batches())))
+        handle.remove()
+    finally:
+        trainer.close()
+    assert len(outputs) == (1 if share_fakes else 2)
+    assert outputs[0].pyramid[0].requires_grad == share_fakes  # the D phase's fakes
+    for name, net in (("G", trainer.G), ("D", trainer.D)):
+        after = [p.detach() for p in net.parameters() if p.requires_grad]
+        assert len(after) == len(before[name])
+        assert any(not torch.equal(a, b) for a, b in zip(after, before[name], strict=True)), name

@@ -419,6 +419,13 @@ class RunSpec(BaseModel):
         description="Split each step's batch into this many micro-batches whose gradients "
         "add up (batch_size must be divisible by it).",
     )
+    share_fakes: bool = Field(
+        False,
+        description="One generator forward per step: the fakes are made once, with G's graph, "
+        "before the D phase; D trains on them detached and the G phase then backpropagates "
+        "through the same fakes (the same latents in both phases, G not updated in between). "
+        "Saves the D phase's generator pass; false: fresh latents in each phase (StyleGAN2).",
+    )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimisers.")
     ema: EMASpec = Field(default_factory=EMASpec, description="EMA of the generator.")
     precision: Literal["fp32", "bf16"] = Field(

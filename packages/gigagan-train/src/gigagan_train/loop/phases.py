@@ -9,6 +9,9 @@ guard, backpropagates, and finally steps the optimiser (unless the guard says sk
     D     fakes from G without a graph; real/fake (and mismatched) D outputs; D step
     Dreg  every `interval` steps: the lazy regulariser (R1) on the same batch, in float32
     G     fakes from G with its graph (w_avg tracked here); D outputs on them; G step
+
+With ``share_fakes`` the G-phase fakes are made first (:meth:`PhaseRunner.shared_fakes`) and
+the D phase trains on them detached, so a step runs the generator forward once.
 """
 
 from __future__ import annotations
@@ -105,6 +108,15 @@ class PhaseRunner:
         z_dim = int(getattr(self.G, "z_dim"))  # noqa: B009 - a module attribute
         z = torch.randn(micro.real.shape[0], z_dim, device=self.device)
         return pyramid_of(self.replicas.G(z, text, **kwargs))
+
+    def shared_fakes(self, micro: Sequence[MicroBatch]) -> list[list[Tensor]]:
+        """G's pyramid for every micro-batch with its graph (w_avg tracked), for a step whose
+        D and G phases share them (``share_fakes``); call it with G trainable."""
+        out = []
+        for k, part in enumerate(micro):
+            with self.replicas.sync("G", last=k == len(micro) - 1), self._autocast(True):
+                out.append(self.fakes(part, track_w_avg=True))
+        return out
 
     def _autocast(self, enabled: bool) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None or not enabled:

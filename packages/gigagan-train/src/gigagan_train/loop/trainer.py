@@ -275,13 +275,26 @@ class Trainer:
             encode=encode,
         )
 
-        # D phase: G is fixed, its fakes are made without a graph.
+        # share_fakes: the G phase's fakes, with G's graph, made once and used by both phases
+        shared = None
+        if spec.share_fakes and self.d_losses and self.g_losses:
+            self._train(self.G)
+            shared = phases.shared_fakes(micro)
+        # D phase: G is fixed, its fakes are made without a graph (or are the shared ones).
         self._train(self.D, *self.replicas.d_side)
         d_adam, g_adam = spec.optimizer.discriminator, spec.optimizer.generator
         fakes = None  # a run without D losses (a pixel-only upsampler) makes none here
         if self.d_losses:
+            detached = [[x.detach() for x in f] for f in shared] if shared is not None else None
             fakes = phases.run(
-                "D", self.d_losses, micro, self.opt_D, d_adam, result, step=state.step
+                "D",
+                self.d_losses,
+                micro,
+                self.opt_D,
+                d_adam,
+                result,
+                step=state.step,
+                fakes=detached,
             )
         # Lazy regulariser: its own D step every `interval` steps, in float32 (R1's double
         # backward through attention is not autocast).
@@ -301,7 +314,9 @@ class Trainer:
         # G phase: D and the D-side loss modules are fixed.
         self._train(self.G)
         skipped_before = len(result.skipped)
-        phases.run("G", self.g_losses, micro, self.opt_G, g_adam, result, step=state.step)
+        phases.run(
+            "G", self.g_losses, micro, self.opt_G, g_adam, result, step=state.step, fakes=shared
+        )
         # w_avg (and any running buffer) was updated from this process's slice of the batch:
         # average it so every replica holds the global batch's value
         distributed.mean_buffers(self.G)
