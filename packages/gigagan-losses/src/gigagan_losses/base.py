@@ -93,8 +93,9 @@ class LossContext:
       one stacked discriminator call (see the module docstring); off: one call each.
     - ``augment``: applied to the images of the four cached discriminator passes (a
       :class:`~gigagan_losses.augment.Augment`: one draw per sample and pass, every pyramid
-      level alike). :meth:`discriminate` does not augment, so a regulariser such as R1
-      sees the images as they are.
+      level alike; where a caption-set call serves an image with its own and a mismatched
+      caption, one draw serves both). :meth:`discriminate` does not augment, so a
+      regulariser such as R1 sees the images as they are.
 
     Cached on first use: :attr:`real_pyramid`, :attr:`text_embedding`, :attr:`d_real`,
     :attr:`d_fake`, :attr:`d_real_mismatched`, :attr:`d_fake_mismatched`; and anything a
