@@ -11,6 +11,7 @@ from tests.core.test_discriminator import (  # the autouse fixture registers the
     FakeTextEncoder,
     _registry_with_fake_encoder,  # noqa: F401
 )
+from tests.losses.test_batched_d import _CallCounter
 
 from gigagan_core.errors import InputError
 from gigagan_core.nets import (
@@ -281,17 +282,9 @@ def test_caption_sets_take_captions_and_name_a_wrong_row_count(images):
         unconditional(images, caption_sets=2)
 
 
-class _BatchCounter:
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.batches: list[int] = []
-        self.handle = module.register_forward_pre_hook(
-            lambda m, args: self.batches.append(args[0][0].shape[0])
-        )
-
-
 def _context_terms(d, phase, images, fake, losses, share):
     d.zero_grad(set_to_none=True)
-    counter = _BatchCounter(d)
+    counter = _CallCounter(d)
     target = d if share else _NoCaptionSets(d)
     ctx = LossContext(
         phase=phase,
