@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from gigagan_core.frozen import trainable_parameters
 from gigagan_core.presets import load_preset
 from gigagan_train.checkpoint import find_checkpoint, latest_checkpoint, list_checkpoints
-from gigagan_train.errors import CheckpointError, TrainingAbortedError
+from gigagan_train.errors import CheckpointError, RunError, TrainingAbortedError
 from gigagan_train.loop import Trainer
 from gigagan_train.spec import RunSpec
 
@@ -364,12 +364,19 @@ def _projection_d() -> dict:
     }
 
 
-@pytest.mark.parametrize("share_fakes", [False, True])
-def test_a_projection_discriminator_run_resumes_exactly(make_spec, tmp_path, share_fakes):
+@pytest.mark.parametrize(
+    ("share_fakes", "diversity"), [(False, False), (True, False), (True, True)]
+)
+def test_a_projection_discriminator_run_resumes_exactly(
+    make_spec, tmp_path, share_fakes, diversity
+):
     """The spectral norm's power-iteration vectors are D buffers: a resumed run continues
-    from them, so the split run's D, G and optimiser states equal the straight run's."""
+    from them, so the split run's D, G and optimiser states equal the straight run's (the
+    diversity loss's second latents included)."""
     disc = _projection_d()
     losses = [{"kind": "adversarial"}, {"kind": "matching-aware"}]
+    if diversity:
+        losses.append({"kind": "diversity", "pairs": 2})
     extra = {"discriminator": disc, "losses": losses, "share_fakes": share_fakes}
     spec = make_spec(steps=4, **extra)
     Trainer(spec, tmp_path / "straight").fit()
@@ -411,3 +418,43 @@ def test_share_fakes_runs_the_generator_once_per_step(make_spec, tmp_path, share
         after = [p.detach() for p in net.parameters() if p.requires_grad]
         assert len(after) == len(before[name])
         assert any(not torch.equal(a, b) for a, b in zip(after, before[name], strict=True)), name
+
+
+@pytest.mark.parametrize("share_fakes", [False, True])
+def test_the_diversity_loss_gets_second_latents_in_the_g_phase_call(
+    make_spec, tmp_path, share_fakes
+):
+    """The G phase generates the first `pairs` captions a second time in the same call as
+    the batch (b + k rows, the extra rows' captions are the first k); the D phase trains on
+    the b fakes alone; the term is logged."""
+    losses = [{"kind": "adversarial"}, {"kind": "diversity", "pairs": 3, "weight": 2.0}]
+    spec = make_spec(steps=1, losses=losses, share_fakes=share_fakes, text_cache=True)
+    trainer = Trainer(spec, tmp_path / "run")
+    try:
+        calls = []
+        handle = trainer.G.register_forward_hook(
+            lambda m, args, out: calls.append((args, out.pyramid[0].shape[0]))
+        )
+        d_rows = []
+        d_handle = trainer.D.register_forward_pre_hook(
+            lambda m, args: d_rows.append(args[0][0].shape[0])
+        )
+        result = trainer.train_step(next(iter(trainer.batches())))
+        handle.remove()
+        d_handle.remove()
+    finally:
+        trainer.close()
+    rows = [n for _, n in calls]
+    assert rows == ([7] if share_fakes else [4, 7])
+    (z, text), _ = calls[-1]
+    assert z.shape[0] == 7 and not torch.equal(z[:3], z[4:])
+    assert torch.equal(text.tokens[4:], text.tokens[:3])
+    assert all(n % 4 == 0 for n in d_rows)  # never the paired rows
+    assert result.values["G/diversity"] < 0
+
+
+def test_the_diversity_loss_is_refused_for_an_upsampler(tmp_path):
+    data = tiny_upsampler_run()
+    data["losses"] = [*data["losses"], {"kind": "diversity"}]
+    with pytest.raises(RunError, match="diversity loss .* an upsampler draws no latent"):
+        Trainer(RunSpec.model_validate(data), tmp_path / "up")

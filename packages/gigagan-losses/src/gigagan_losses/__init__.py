@@ -15,8 +15,9 @@ from gigagan_losses.adversarial import (
     R1PenaltySpec,
     lazy_regularization_adam,
 )
-from gigagan_losses.base import Loss, LossContext, LossSpec
+from gigagan_losses.base import LatentPairs, Loss, LossContext, LossSpec
 from gigagan_losses.clip_loss import CLIPContrastiveLoss, CLIPContrastiveLossSpec
+from gigagan_losses.diversity import DiversityLoss, DiversityLossSpec
 from gigagan_losses.lpips import LPIPS, LPIPSLoss, LPIPSLossSpec
 from gigagan_losses.pixel import PixelLoss, PixelLossSpec, pixel_distance
 from gigagan_losses.vision_aided import VisionAidedLoss, VisionAidedLossSpec
@@ -32,8 +33,11 @@ __all__ = [
     "AdversarialLossSpec",
     "CLIPContrastiveLoss",
     "CLIPContrastiveLossSpec",
+    "DiversityLoss",
+    "DiversityLossSpec",
     "LPIPSLoss",
     "LPIPSLossSpec",
+    "LatentPairs",
     "Loss",
     "LossContext",
     "LossSpec",

@@ -13,6 +13,7 @@ from gigagan_losses.adversarial import (
 )
 from gigagan_losses.augment import ADAugment, ADAugmentSpec, DiffAugment, DiffAugmentSpec
 from gigagan_losses.clip_loss import CLIPContrastiveLoss, CLIPContrastiveLossSpec
+from gigagan_losses.diversity import DiversityLoss, DiversityLossSpec
 from gigagan_losses.lpips import LPIPSLoss, LPIPSLossSpec
 from gigagan_losses.pixel import PixelLoss, PixelLossSpec
 from gigagan_losses.vision_aided import VisionAidedLoss, VisionAidedLossSpec
@@ -28,6 +29,7 @@ def gigagan_components() -> list[Component]:
         Component(spec=VisionAidedLossSpec, factory=VisionAidedLoss),
         Component(spec=LPIPSLossSpec, factory=LPIPSLoss),
         Component(spec=PixelLossSpec, factory=PixelLoss),
+        Component(spec=DiversityLossSpec, factory=DiversityLoss),
         Component(spec=DiffAugmentSpec, factory=DiffAugment),
         Component(spec=ADAugmentSpec, factory=ADAugment),
     ]

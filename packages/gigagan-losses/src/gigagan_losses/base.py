@@ -45,6 +45,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -58,7 +59,7 @@ from gigagan_core.nets.pyramid import build_pyramid
 from gigagan_core.nets.text_features import TextFeatures
 from gigagan_core.specs import ComponentSpec
 
-__all__ = ["Loss", "LossContext", "LossSpec", "Phase"]
+__all__ = ["LatentPairs", "Loss", "LossContext", "LossSpec", "Phase"]
 
 Phase = Literal["G", "D"]
 
@@ -70,6 +71,37 @@ class LossSpec(ComponentSpec):
     weight: float = Field(
         1.0, ge=0, allow_inf_nan=False, description="Multiplier of this loss in the total."
     )
+
+
+@dataclass(frozen=True)
+class LatentPairs:
+    """Second samples of the first ``k`` captions of a batch, each from another latent.
+
+    Row ``i`` of ``pyramid`` (highest resolution first) is the generator's image for caption
+    ``i`` of the batch from a latent ``z'_i`` drawn apart from the ``z_i`` that made row
+    ``i`` of the context's ``fake_pyramid``; ``latent_distance`` (``k``) holds
+    ``mean |z_i - z'_i|``. A trainer makes them, in the same generator call as the batch's
+    fakes, for losses whose :meth:`Loss.latent_pairs` asks for them (the diversity loss).
+    """
+
+    pyramid: list[Tensor]
+    latent_distance: Tensor
+
+    def __post_init__(self) -> None:
+        if not self.pyramid:
+            raise InputError("LatentPairs needs a pyramid of at least one level")
+        k = self.pyramid[0].shape[0]
+        if self.latent_distance.shape != (k,):
+            raise InputError(
+                f"latent_distance must have one value per pair ({k}), got shape "
+                f"{tuple(self.latent_distance.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.pyramid[0].shape[0]
+
+    def detach(self) -> LatentPairs:
+        return LatentPairs([x.detach() for x in self.pyramid], self.latent_distance.detach())
 
 
 class LossContext:
@@ -88,6 +120,8 @@ class LossContext:
       train).
     - ``text_features``: the frozen encoder's output for ``texts`` if the step has it
       (losses that need captions in another form read ``texts``).
+    - ``fake_pairs``: a :class:`LatentPairs` (second samples of the first captions from other
+      latents) where a loss asked for them; detached in the ``"D"`` phase.
     - ``extras``: free-form values a trainer or plugin wants to pass along.
     - ``batch_d_passes``: in the ``"D"`` phase, compute ``d_real`` and ``d_fake`` together in
       one stacked discriminator call (see the module docstring); off: one call each.
@@ -113,6 +147,7 @@ class LossContext:
         discriminator: nn.Module,
         fake_pyramid: Sequence[Tensor],
         text_features: TextFeatures | None = None,
+        fake_pairs: LatentPairs | None = None,
         extras: dict[str, Any] | None = None,
         batch_d_passes: bool = True,
         augment: Callable[[list[Tensor]], list[Tensor]] | None = None,
@@ -143,6 +178,14 @@ class LossContext:
                 stacklevel=2,
             )
         self.text_features = text_features
+        if fake_pairs is not None and len(fake_pairs) > self.batch_size:
+            raise InputError(
+                f"{len(fake_pairs)} latent pairs for a batch of {self.batch_size}: a pair "
+                "repeats one of the batch's captions"
+            )
+        self.fake_pairs = (
+            fake_pairs.detach() if fake_pairs is not None and phase == "D" else fake_pairs
+        )
         self.extras = dict(extras or {})
         self.batch_d_passes = batch_d_passes
         self.augment = augment
@@ -402,6 +445,13 @@ class Loss(nn.Module):
         :meth:`LossContext.prefetch`, so they come from one stacked discriminator call.
         Declaring nothing (the default) is always correct, only slower."""
         return ()
+
+    def latent_pairs(self) -> int:
+        """How many captions of each G-phase batch this loss wants generated a second time
+        from other latents (:class:`LatentPairs`, read as ``ctx.fake_pairs``). A trainer
+        makes the largest number any of its generator losses asks for (at most the batch);
+        0 (the default): none."""
+        return 0
 
     def generator_terms(self, ctx: LossContext) -> dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} has no generator terms")

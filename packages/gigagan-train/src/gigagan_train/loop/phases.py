@@ -25,17 +25,33 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gigagan_core.nets.text_features import TextFeatures
 from gigagan_losses.augment import Augment
-from gigagan_losses.base import Loss, LossContext, Phase
+from gigagan_losses.base import LatentPairs, Loss, LossContext, Phase
+from gigagan_train.errors import RunError
 from gigagan_train.loop.guard import NanGuard
 from gigagan_train.loop.logs import StepResult
 from gigagan_train.loop.replicas import Replicas
 from gigagan_train.networks import downsample, pyramid_of
 from gigagan_train.spec import AdamSpec, accepts_argument
 
-__all__ = ["MicroBatch", "PhaseRunner", "split_batch"]
+__all__ = ["Generated", "MicroBatch", "PhaseRunner", "latent_pairs", "split_batch"]
 
 log = logging.getLogger("gigagan_train.loop")
+
+
+@dataclass
+class Generated:
+    """What G made for one micro-batch: its pyramid and, where a loss asked, latent pairs."""
+
+    pyramid: list[Tensor]
+    pairs: LatentPairs | None = None
+
+    def detach(self) -> Generated:
+        return Generated(
+            [x.detach() for x in self.pyramid],
+            self.pairs.detach() if self.pairs is not None else None,
+        )
 
 
 @dataclass
@@ -69,6 +85,26 @@ def split_batch(
     return out
 
 
+def latent_pairs(losses: Sequence[Loss], *, upsampler: bool) -> int:
+    """The most latent pairs any of the generator ``losses`` asks for (0: none); an
+    upsampler draws no latent, so a loss that asks for pairs there is refused."""
+    wanted = {loss: int(getattr(loss, "latent_pairs", lambda: 0)()) for loss in losses}
+    count = max(wanted.values(), default=0)
+    if count and upsampler:
+        names = ", ".join(
+            sorted(
+                str(getattr(loss.spec, "kind", type(loss).__name__))
+                for loss, n in wanted.items()
+                if n
+            )
+        )
+        raise RunError(
+            f"the {names} loss compares samples drawn from two latents, but an upsampler "
+            "draws no latent; remove it from this run's losses"
+        )
+    return count
+
+
 class PhaseRunner:
     """Runs phases against one set of networks; holds what every phase shares."""
 
@@ -84,6 +120,7 @@ class PhaseRunner:
         autocast_dtype: torch.dtype | None,
         device: torch.device,
         augment: Augment | None = None,
+        latent_pairs: int = 0,
     ) -> None:
         self.G, self.D = generator, discriminator
         self.replicas = replicas
@@ -93,29 +130,43 @@ class PhaseRunner:
         self.autocast_dtype = autocast_dtype
         self.device = device
         self.augment = augment
+        self.latent_pairs = latent_pairs  # G-phase fakes carry this many LatentPairs
         self._accepts_w_avg = accepts_argument(generator.forward, "update_w_avg")
 
-    def fakes(self, micro: MicroBatch, *, track_w_avg: bool) -> list[Tensor]:
+    def fakes(self, micro: MicroBatch, *, track_w_avg: bool, pairs: int = 0) -> Generated:
         """G's pyramid for the micro-batch: from fresh latents, or, for an upsampler, from
-        the downsampled real images."""
+        the downsampled real images. ``pairs`` > 0: the first ``pairs`` captions are also
+        generated from second latents, in the same call (:class:`LatentPairs`)."""
         kwargs: dict[str, Any] = {}
         if self._accepts_w_avg:
             kwargs["update_w_avg"] = track_w_avg
         text = micro.features if micro.features is not None else micro.texts
         if self.upsampler:
             low = downsample(micro.real, int(getattr(self.G, "scale", 1)))
-            return pyramid_of(self.replicas.G(low, text, **kwargs))
+            return Generated(pyramid_of(self.replicas.G(low, text, **kwargs)))
+        b = micro.real.shape[0]
+        k = min(pairs, b)
         z_dim = int(getattr(self.G, "z_dim"))  # noqa: B009 - a module attribute
-        z = torch.randn(micro.real.shape[0], z_dim, device=self.device)
-        return pyramid_of(self.replicas.G(z, text, **kwargs))
+        z = torch.randn(b + k, z_dim, device=self.device)
+        if k and text is not None:
+            text = (
+                TextFeatures.cat([text, text.index(slice(0, k))])
+                if isinstance(text, TextFeatures)
+                else [*text, *text[:k]]
+            )
+        pyramid = pyramid_of(self.replicas.G(z, text, **kwargs))
+        if not k:
+            return Generated(pyramid)
+        distance = (z[:k] - z[b:]).abs().mean(1)
+        return Generated([x[:b] for x in pyramid], LatentPairs([x[b:] for x in pyramid], distance))
 
-    def shared_fakes(self, micro: Sequence[MicroBatch]) -> list[list[Tensor]]:
+    def shared_fakes(self, micro: Sequence[MicroBatch]) -> list[Generated]:
         """G's pyramid for every micro-batch with its graph (w_avg tracked), for a step whose
         D and G phases share them (``share_fakes``); call it with G trainable."""
         out = []
         for k, part in enumerate(micro):
             with self.replicas.sync("G", last=k == len(micro) - 1), self._autocast(True):
-                out.append(self.fakes(part, track_w_avg=True))
+                out.append(self.fakes(part, track_w_avg=True, pairs=self.latent_pairs))
         return out
 
     def _autocast(self, enabled: bool) -> contextlib.AbstractContextManager[Any]:
@@ -149,16 +200,16 @@ class PhaseRunner:
         *,
         step: int,
         label: str | None = None,
-        fakes: list[list[Tensor]] | None = None,
+        fakes: Sequence[Generated] | None = None,
         autocast: bool = True,
-    ) -> list[list[Tensor]]:
+    ) -> list[Generated]:
         """One optimiser update over the micro-batches (``phase`` "D" or "G", logged as
         ``label``, default the phase); returns the fakes it used, detached, for a later
         phase of the step."""
         label = label or phase
         params = [p for group in optimizer.param_groups for p in group["params"]]
         optimizer.zero_grad(set_to_none=True)
-        used: list[list[Tensor]] = []
+        used: list[Generated] = []
         bad: str | None = None
         sums: dict[str, float] = {}
         for k, part in enumerate(micro):
@@ -170,7 +221,7 @@ class PhaseRunner:
                         with torch.no_grad():
                             fake = self.fakes(part, track_w_avg=False)
                     else:
-                        fake = self.fakes(part, track_w_avg=True)
+                        fake = self.fakes(part, track_w_avg=True, pairs=self.latent_pairs)
                     ctx = LossContext(
                         phase=phase,
                         step=step,
@@ -178,7 +229,8 @@ class PhaseRunner:
                         texts=part.texts,
                         generator=self.G,
                         discriminator=self.replicas.D,
-                        fake_pyramid=fake,
+                        fake_pyramid=fake.pyramid,
+                        fake_pairs=fake.pairs,
                         text_features=part.features if self.d_shares_encoder else None,
                         augment=self.augment,
                     )
@@ -194,7 +246,7 @@ class PhaseRunner:
                     if label == "D" and self.augment is not None and ctx.computed("d_real"):
                         logits = ctx.d_real.mean_logits().values()
                         self.augment.observe(torch.stack(list(logits)).mean(0))
-                used.append([x.detach() for x in fake])
+                used.append(fake.detach())
                 if total is None:
                     continue
                 bad = self.guard.bad_term(label, named)

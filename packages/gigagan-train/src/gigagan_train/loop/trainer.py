@@ -64,7 +64,7 @@ from gigagan_train.loop.ema import ema_beta, make_ema, update_ema
 from gigagan_train.loop.guard import NanGuard
 from gigagan_train.loop.health import DataHealth
 from gigagan_train.loop.logs import MetricsLog, StepResult, Window, progress_bar, progress_postfix
-from gigagan_train.loop.phases import PhaseRunner, split_batch
+from gigagan_train.loop.phases import PhaseRunner, latent_pairs, split_batch
 from gigagan_train.loop.replicas import Replicas
 from gigagan_train.loop.samples import SampleGrids
 from gigagan_train.networks import resolve_device
@@ -164,6 +164,7 @@ class Trainer:
             autocast_dtype=torch.bfloat16 if spec.precision == "bf16" else None,
             device=self.device,
             augment=self.augment,
+            latent_pairs=latent_pairs(self.g_losses, upsampler=spec.trains_upsampler),
         )
         self.sample_prompts = self._sample_prompts()
         if resume_from is not None:
@@ -285,7 +286,7 @@ class Trainer:
         d_adam, g_adam = spec.optimizer.discriminator, spec.optimizer.generator
         fakes = None  # a run without D losses (a pixel-only upsampler) makes none here
         if self.d_losses:
-            detached = [[x.detach() for x in f] for f in shared] if shared is not None else None
+            detached = [f.detach() for f in shared] if shared is not None else None
             fakes = phases.run(
                 "D",
                 self.d_losses,
