@@ -456,5 +456,5 @@ def test_the_diversity_loss_gets_second_latents_in_the_g_phase_call(
 def test_the_diversity_loss_is_refused_for_an_upsampler(tmp_path):
     data = tiny_upsampler_run()
     data["losses"] = [*data["losses"], {"kind": "diversity"}]
-    with pytest.raises(RunError, match="diversity loss .* an upsampler draws no latent"):
+    with pytest.raises(RunError, match=r"diversity loss .* an upsampler draws no latent"):
         Trainer(RunSpec.model_validate(data), tmp_path / "up")
