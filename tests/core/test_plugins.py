@@ -239,8 +239,8 @@ def test_unknown_kind_and_role_errors_list_what_is_installed():
     with pytest.raises(UnknownComponentError) as err:
         registry.get("loss", "hinge")
     assert str(err.value) == (
-        "unknown loss kind 'hinge'; installed loss kinds: adversarial, clip-contrastive, lpips, "
-        "matching-aware, pixel, r1, vision-aided"
+        "unknown loss kind 'hinge'; installed loss kinds: adversarial, clip-contrastive, "
+        "diversity, lpips, matching-aware, pixel, r1, vision-aided"
     )
     empty = Registry()
     with pytest.raises(UnknownComponentError) as err:
