@@ -93,7 +93,7 @@ def latent_pairs(losses: Sequence[Loss], *, upsampler: bool) -> int:
     if count and upsampler:
         names = ", ".join(
             sorted(
-                str(getattr(loss.spec, "kind", type(loss).__name__))
+                str(getattr(getattr(loss, "spec", None), "kind", type(loss).__name__))
                 for loss, n in wanted.items()
                 if n
             )
