@@ -319,19 +319,26 @@ class _NoCaptionSets(torch.nn.Module):
         return self.d(images, texts, text_embedding=text_embedding, stacked=stacked)
 
 
+@pytest.mark.parametrize("hard", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("phase", ["D", "G"])
-def test_the_matching_aware_loss_costs_no_extra_image_pass(images, phase):
+def test_the_matching_aware_loss_costs_no_extra_image_pass(images, phase, hard):
     d = _build(mbstd_group=2, input_levels=2).eval()
-    losses = [AdversarialLoss(AdversarialLossSpec()), MatchingAwareLoss(MatchingAwareLossSpec())]
+    losses = [
+        AdversarialLoss(AdversarialLossSpec()),
+        MatchingAwareLoss(MatchingAwareLossSpec(hard_negatives=hard)),
+    ]
     fake = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     results = []
     for share in (True, False):
         x = fake.clone().requires_grad_(phase == "G")
         results.append(_context_terms(d, phase, images, x, losses, share))
     (got, got_grads, got_calls, got_gx), (want, want_grads, want_calls, want_gx) = results
-    # D phase: real and fake once (8 images) where the stacked path sends 12; G phase: the
-    # fakes once where it sends them twice
-    assert (got_calls, want_calls) == (([8], [12]) if phase == "D" else ([4], [8]))
+    # D phase: real and fake once (8 images) where the stacked path sends 12 (16 with both
+    # the rolled and the nearest captions); G phase: the fakes once where it sends them
+    # twice (three times)
+    passes = 3 if hard == 0.5 else 2
+    sent = [4 * (passes + 1)] if phase == "D" else [4 * passes]
+    assert (got_calls, want_calls) == (([8], sent) if phase == "D" else ([4], sent))
     expected = (
         {"adv_real", "adv_fake", "match_real"} if phase == "D" else {"adv_fake", "match_fake"}
     )

@@ -38,6 +38,8 @@ from gigagan_losses.adversarial import (
 )
 from gigagan_losses.base import LossContext, Phase
 
+F64 = torch.float64
+
 # ---- the stub discriminator -----------------------------------------------------------------
 
 Pair = tuple[int, int]
@@ -461,6 +463,94 @@ def test_matching_errors():
         MatchingAwareLoss(MatchingAwareLossSpec(shifts=3))(stub_context("D"))
     with pytest.raises(ValidationError, match="own caption"):
         MatchingAwareLossSpec(shifts=0)
+
+
+# ---- hard negatives: the closest other caption ----------------------------------------------
+
+# Directions chosen so that each caption's closest other one is known: "a cat" and "a lion"
+# point almost the same way, "a dog" and "a wolf" too, the two pairs far apart. The first
+# coordinate is the stub's caption value (its logits read t[:, 0]).
+VECTORS = {
+    "a cat": (0.3, 1.0, 0.0),
+    "a lion": (0.35, 1.0, 0.1),
+    "a dog": (-0.7, 0.0, 1.0),
+    "a wolf": (-0.6, 0.1, 1.0),
+}
+
+
+class VectorStub(StubDiscriminator):
+    """The stub with the three-dimensional caption embeddings of ``VECTORS``."""
+
+    def encode_text(self, texts: Sequence[str] | None, batch_size: int | None = None) -> Tensor:
+        assert texts is not None
+        return torch.tensor([VECTORS[c] for c in texts], dtype=torch.float64)
+
+
+def _vector_context(phase: Phase, texts: Sequence[str]) -> tuple[VectorStub, LossContext]:
+    d = VectorStub()
+    values = [0.1 * (n + 1) for n in range(len(texts))]
+    return d, stub_context(phase, d=d, texts=texts, real=values, fake=[-v for v in values])
+
+
+def test_nearest_pairs_each_image_with_the_closest_other_caption():
+    _, ctx = _vector_context("D", ["a dog", "a cat", "a wolf", "a lion"])
+    chosen = ctx.nearest_text_embedding()
+    want = torch.tensor([VECTORS[c] for c in ["a wolf", "a lion", "a dog", "a cat"]], dtype=F64)
+    assert torch.equal(chosen, want)
+
+
+def test_nearest_skips_repeats_of_the_own_caption_and_falls_back_to_the_roll():
+    # "a cat" twice: each copy's closest *other* caption is "a lion", not the other copy.
+    _, ctx = _vector_context("D", ["a cat", "a cat", "a lion", "a dog"])
+    got = [tuple(row.tolist()) for row in ctx.nearest_text_embedding()]
+    assert got == [VECTORS["a lion"], VECTORS["a lion"], VECTORS["a cat"], VECTORS["a lion"]]
+    # a batch of one caption has no other: the roll, as with negatives = "roll"
+    _, same = _vector_context("D", ["a dog"] * 3)
+    assert torch.equal(same.nearest_text_embedding(), same.mismatched_text_embedding())
+
+
+NEAREST = {"a dog": "a wolf", "a cat": "a lion", "a wolf": "a dog", "a lion": "a cat"}
+
+
+@pytest.mark.parametrize("hard", [1.0, 0.5, 0.25])
+@pytest.mark.parametrize("phase", ["D", "G"])
+def test_matching_with_hard_negatives_by_hand(phase, hard):
+    texts = ["a dog", "a cat", "a wolf", "a lion"]
+    _, ctx = _vector_context(phase, texts)
+    loss = MatchingAwareLoss(MatchingAwareLossSpec(hard_negatives=hard))
+    source = "real" if phase == "D" else "fake"
+    want_passes = (
+        (f"{source}_nearest",) if hard == 1 else (f"{source}_mismatched", f"{source}_nearest")
+    )
+    assert loss.discriminator_passes(ctx) == want_passes
+    terms = loss(ctx)
+    # the first round(hard * 4) images meet their closest other caption, the rest the roll
+    k = round(hard * len(texts))
+    rolled_texts = rolled(texts, 1)
+    wrong = [VECTORS[NEAREST[c] if n < k else rolled_texts[n]][0] for n, c in enumerate(texts)]
+    images = (ctx.real if phase == "D" else ctx.fake)[:, 0, 0, 0].tolist()
+    key = "match_real" if phase == "D" else "match_fake"
+    assert set(terms) == {key}
+    assert terms[key].item() == pytest.approx(expected(softplus, images, wrong), rel=1e-12)
+    # the plain rolled pairing meets other captions: the two readings differ
+    plain = MatchingAwareLoss(MatchingAwareLossSpec())(_vector_context(phase, texts)[1])
+    assert plain[key].item() != pytest.approx(terms[key].item(), rel=1e-6)
+
+
+def test_hard_negatives_with_a_shift_roll_the_other_rows_by_it():
+    texts = ["a dog", "a cat", "a wolf", "a lion"]
+    _, ctx = _vector_context("D", texts)
+    terms = MatchingAwareLoss(MatchingAwareLossSpec(hard_negatives=0.5, shifts=2))(ctx)
+    shifted = rolled(texts, 2)
+    wrong = [VECTORS[NEAREST[c] if n < 2 else shifted[n]][0] for n, c in enumerate(texts)]
+    want = expected(softplus, ctx.real[:, 0, 0, 0].tolist(), wrong)
+    assert terms["match_real"].item() == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_hard_negatives_is_a_fraction(value):
+    with pytest.raises(ValidationError, match="hard_negatives"):
+        MatchingAwareLossSpec(hard_negatives=value)
 
 
 # ---- end to end on the tiny preset ----------------------------------------------------------

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from gigagan_core.errors import InputError
 from gigagan_core.layers.modes import double_backward
+from gigagan_core.nets.discriminator import DiscriminatorOutput
 from gigagan_core.nets.pyramid import build_pyramid
 from gigagan_losses.base import Loss, LossContext, LossSpec, Phase
 
@@ -388,10 +389,22 @@ class MatchingAwareLossSpec(PairWeightedLossSpec):
     """Spec of :class:`MatchingAwareLoss`."""
 
     kind: Literal["matching-aware"] = "matching-aware"
+    hard_negatives: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Fraction of the batch's images (its first rows; the batch is shuffled) "
+        "that meet the batch's other caption closest to their own in the discriminator's "
+        "text embedding (cosine) instead of the rolled one: a hard negative that differs in "
+        "few words, so D must read every attribute, not only the most visible one. 0: Eq. "
+        "8's random pairing alone.",
+    )
     shifts: int = Field(
         1,
         description="Roll of t_D along the batch that pairs image n with caption n - shifts; "
-        "must not be a multiple of the batch size (checked at use).",
+        "must not be a multiple of the batch size (checked at use); the images that get "
+        "hard negatives do not use it.",
     )
     apply_to_generator: bool = Field(
         True,
@@ -418,9 +431,10 @@ class MatchingAwareLoss(_PairWeightedLoss):
     """Matching-aware loss (Eq. 8): an image with a mismatched caption ``c_hat`` is fake.
 
     ``c_hat`` is the batch's captions rolled by ``shifts`` (``t_D`` rolled along the batch,
-    so image ``n`` meets the caption of sample ``n - shifts``); the true pair is never
-    scored here (the adversarial loss does that). With ``w_ij`` as in
-    :class:`AdversarialLoss`::
+    so image ``n`` meets the caption of sample ``n - shifts``); with ``hard_negatives = f``
+    the first ``round(f b)`` images meet instead the batch's other caption closest to their
+    own (:meth:`LossContext.nearest_text_embedding`). The true pair is never scored here
+    (the adversarial loss does that). With ``w_ij`` as in :class:`AdversarialLoss`::
 
         D phase:  match_real = sum_ij w_ij mean_{b,h,w} softplus(D_ij(x, c_hat))
                   [match_fake = sum_ij w_ij mean_{b,h,w} softplus(D_ij(G(c), c_hat))]
@@ -460,7 +474,24 @@ class MatchingAwareLoss(_PairWeightedLoss):
                 f"with other samples' captions; got a batch of {ctx.batch_size}"
             )
 
+    def _hard_rows(self, ctx: LossContext) -> int:
+        """How many of the batch's first images meet their closest other caption."""
+        return round(self.spec.hard_negatives * ctx.batch_size)
+
     def _mismatched(self, ctx: LossContext, which: Literal["real", "fake"]) -> Any:
+        hard = self._hard_rows(ctx)
+        if hard == 0:
+            return self._rolled(ctx, which)
+        nearest = ctx.d_real_nearest if which == "real" else ctx.d_fake_nearest
+        if hard == ctx.batch_size:
+            return nearest
+        rolled = self._rolled(ctx, which)
+        logits = {
+            pair: torch.cat([nearest[pair][:hard], rolled[pair][hard:]]) for pair in rolled.pairs()
+        }
+        return DiscriminatorOutput(logits=logits, resolutions=rolled.resolutions)
+
+    def _rolled(self, ctx: LossContext, which: Literal["real", "fake"]) -> Any:
         shifts = self.spec.shifts
         if shifts == 1:  # the context's own cache, shared with any other loss that reads it
             return ctx.d_real_mismatched if which == "real" else ctx.d_fake_mismatched
@@ -482,13 +513,15 @@ class MatchingAwareLoss(_PairWeightedLoss):
         return terms
 
     def discriminator_passes(self, ctx: LossContext) -> tuple[str, ...]:
-        if self.spec.shifts != 1:  # passes of other shifts are not among the shared ones
-            return ()
-        if ctx.phase == "G":
-            return ("fake_mismatched",)
-        if self.spec.include_fake_mismatched_in_d:
-            return ("real_mismatched", "fake_mismatched")
-        return ("real_mismatched",)
+        hard = self._hard_rows(ctx)
+        # passes of other shifts are not among the shared ones
+        suffixes = [] if self.spec.shifts != 1 or hard == ctx.batch_size else ["mismatched"]
+        if hard:
+            suffixes.append("nearest")
+        sources = ["fake"] if ctx.phase == "G" else ["real"]
+        if ctx.phase == "D" and self.spec.include_fake_mismatched_in_d:
+            sources.append("fake")
+        return tuple(f"{source}_{suffix}" for source in sources for suffix in suffixes)
 
     def generator_terms(self, ctx: LossContext) -> dict[str, Tensor]:
         self._check(ctx)

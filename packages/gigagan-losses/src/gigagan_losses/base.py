@@ -24,7 +24,7 @@ the fake pyramid is detached; in the ``"G"`` phase it carries the generator's gr
 Passes that are wanted together run as **one batched discriminator call** where that
 changes no value: in the ``"D"`` phase the first read of ``d_real`` or ``d_fake`` computes
 both in one call on the real and fake images stacked along the batch, and
-:meth:`LossContext.prefetch` does the same for any set of the four cached outputs (e.g.
+:meth:`LossContext.prefetch` does the same for any set of the cached outputs (e.g.
 ``ctx.prefetch("real", "fake", "real_mismatched")`` with the matching-aware loss). It needs
 a discriminator whose forward takes ``stacked=k`` (``k`` independent batches concatenated,
 minibatch statistics kept within each, as :class:`~gigagan_core.nets.MultiScaleDiscriminator`
@@ -125,15 +125,16 @@ class LossContext:
     - ``extras``: free-form values a trainer or plugin wants to pass along.
     - ``batch_d_passes``: in the ``"D"`` phase, compute ``d_real`` and ``d_fake`` together in
       one stacked discriminator call (see the module docstring); off: one call each.
-    - ``augment``: applied to the images of the four cached discriminator passes (a
+    - ``augment``: applied to the images of the cached discriminator passes (a
       :class:`~gigagan_losses.augment.Augment`: one draw per sample and pass, every pyramid
       level alike; where a caption-set call serves an image with its own and a mismatched
       caption, one draw serves both). :meth:`discriminate` does not augment, so a
       regulariser such as R1 sees the images as they are.
 
     Cached on first use: :attr:`real_pyramid`, :attr:`text_embedding`, :attr:`d_real`,
-    :attr:`d_fake`, :attr:`d_real_mismatched`, :attr:`d_fake_mismatched`; and anything a
-    loss stores through :meth:`cached`.
+    :attr:`d_fake`, :attr:`d_real_mismatched`, :attr:`d_fake_mismatched`,
+    :attr:`d_real_nearest`, :attr:`d_fake_nearest`; and anything a loss stores through
+    :meth:`cached`.
     """
 
     def __init__(
@@ -247,18 +248,68 @@ class LossContext:
             raise InputError(f"shifts={shifts} leaves every caption with its own image")
         return torch.roll(t, shifts, dims=0)
 
+    def nearest_text_embedding(self) -> Tensor:
+        """``t_D`` re-ordered so that each image meets the batch's *closest other* caption:
+        the row of highest cosine similarity to its own, rows equal to its own (the same
+        caption twice) excluded. These are hard negatives for a matching loss: on a batch
+        of captions that share words they differ from the image's caption in the fewest
+        words, so the discriminator cannot reject them on the most distinct attribute
+        alone. A row with no other caption in the batch falls back to the roll of
+        :meth:`mismatched_text_embedding`. The choice is made without a graph; the chosen
+        rows keep theirs."""
+        t = self.text_embedding
+        if t is None:
+            raise InputError("mismatched captions need a text-conditional discriminator")
+        if self.batch_size < 2:
+            raise InputError("mismatched captions need a batch of at least 2")
+
+        def index() -> Tensor:
+            with torch.no_grad():
+                flat = t.detach().float().flatten(1)
+                same = (flat[:, None, :] == flat[None, :, :]).all(dim=-1)
+                unit = torch.nn.functional.normalize(flat, dim=1)
+                similarity = (unit @ unit.T).masked_fill(same, float("-inf"))
+                choice = similarity.argmax(dim=1)  # the first of equally close captions
+                alone = torch.isinf(similarity.gather(1, choice[:, None])[:, 0])
+                rolled = torch.roll(torch.arange(t.shape[0], device=t.device), 1)
+                return torch.where(alone, rolled, choice)
+
+        return t[self.cached("nearest_index", index)]
+
     def discriminate(self, pyramid: Sequence[Tensor], text_embedding: Tensor | None) -> Any:
         """One discriminator pass (not cached): ``D(pyramid, text_embedding=t)``."""
         return self.discriminator(list(pyramid), text_embedding=text_embedding)
 
-    # ---- the four cached discriminator outputs -------------------------------------------
+    # ---- the cached discriminator outputs -------------------------------------------
 
-    PASSES: ClassVar[tuple[str, ...]] = ("real", "fake", "real_mismatched", "fake_mismatched")
-    """Names of the cached passes, for :meth:`prefetch` (``"real"`` is :attr:`d_real`)."""
+    PASSES: ClassVar[tuple[str, ...]] = (
+        "real",
+        "fake",
+        "real_mismatched",
+        "fake_mismatched",
+        "real_nearest",
+        "fake_nearest",
+    )
+    """Names of the cached passes, for :meth:`prefetch` (``"real"`` is :attr:`d_real`):
+    the images (real or fake) with their own captions, with the rolled ones
+    (:meth:`mismatched_text_embedding`) or with the closest other ones
+    (:meth:`nearest_text_embedding`)."""
+
+    @staticmethod
+    def _captions_of(name: str) -> str:
+        """Which captions pass ``name`` pairs its images with: its suffix, '' for their own."""
+        return name.partition("_")[2]
+
+    def _embedding_of(self, captions: str) -> Tensor | None:
+        if captions == "mismatched":
+            return self.mismatched_text_embedding()
+        if captions == "nearest":
+            return self.nearest_text_embedding()
+        return self.text_embedding
 
     def _pass_inputs(self, name: str) -> tuple[list[Tensor], Tensor | None]:
         pyramid = self.real_pyramid if name.startswith("real") else self.fake_pyramid
-        t = self.mismatched_text_embedding() if name.endswith("mismatched") else self.text_embedding
+        t = self._embedding_of(self._captions_of(name))
         if self.augment is not None:
             return list(self.augment(list(pyramid))), t
         return list(pyramid), t
@@ -302,7 +353,7 @@ class LossContext:
         features do not depend on the caption, e.g. a projection discriminator). The images
         of each source (real, fake) go in once, augmented once; every (source, caption)
         combination comes back and is cached. Returns whether it ran."""
-        variants = list(dict.fromkeys(n.endswith("mismatched") for n in todo))
+        variants = list(dict.fromkeys(self._captions_of(n) for n in todo))
         if len(variants) < 2 or not _accepts_keyword(self.discriminator, "caption_sets"):
             return False
         if self.text_embedding is None:
@@ -316,17 +367,16 @@ class LossContext:
             return False
         levels = len(pyramids[0])
         pyramid = [torch.cat([p[level] for p in pyramids]) for level in range(levels)]
-        own, other = self.text_embedding, self.mismatched_text_embedding()
-        sets = [own if not mismatched else other for mismatched in variants]
+        sets = [self._embedding_of(captions) for captions in variants]
         t = torch.cat([e for e in sets for _ in sources])
         output = self.discriminator(
             pyramid, text_embedding=t, stacked=len(sources), caption_sets=len(variants)
         )
         parts = _split_output(output, len(sources) * len(variants))
         k = 0
-        for mismatched in variants:
+        for captions in variants:
             for source in sources:
-                key = f"d_{source}{'_mismatched' if mismatched else ''}"
+                key = f"d_{source}{'_' + captions if captions else ''}"
                 self._cache.setdefault(key, parts[k])
                 k += 1
         return True
@@ -359,6 +409,18 @@ class LossContext:
     def d_fake_mismatched(self) -> Any:
         """Discriminator output on generated images paired with rolled (wrong) captions."""
         return self._d_output("fake_mismatched")
+
+    @property
+    def d_real_nearest(self) -> Any:
+        """Discriminator output on real images paired with the batch's closest other
+        captions (:meth:`nearest_text_embedding`)."""
+        return self._d_output("real_nearest")
+
+    @property
+    def d_fake_nearest(self) -> Any:
+        """Discriminator output on generated images paired with the batch's closest other
+        captions (:meth:`nearest_text_embedding`)."""
+        return self._d_output("fake_nearest")
 
 
 def _unwrapped(module: Any) -> Any:
