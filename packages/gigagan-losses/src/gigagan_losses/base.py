@@ -237,13 +237,19 @@ class LossContext:
 
         return self.cached("text_embedding", compute)
 
-    def mismatched_text_embedding(self, shifts: int = 1) -> Tensor:
-        """``t_D`` rolled along the batch so that no image keeps its own caption (Eq. 8)."""
+    def _captions_to_mismatch(self) -> Tensor:
+        """``t_D``, where wrong captions can be drawn from it (a conditional discriminator,
+        a batch of at least 2)."""
         t = self.text_embedding
         if t is None:
             raise InputError("mismatched captions need a text-conditional discriminator")
         if self.batch_size < 2:
             raise InputError("mismatched captions need a batch of at least 2")
+        return t
+
+    def mismatched_text_embedding(self, shifts: int = 1) -> Tensor:
+        """``t_D`` rolled along the batch so that no image keeps its own caption (Eq. 8)."""
+        t = self._captions_to_mismatch()
         if shifts % self.batch_size == 0:
             raise InputError(f"shifts={shifts} leaves every caption with its own image")
         return torch.roll(t, shifts, dims=0)
@@ -257,11 +263,7 @@ class LossContext:
         alone. A row with no other caption in the batch falls back to the roll of
         :meth:`mismatched_text_embedding`. The choice is made without a graph; the chosen
         rows keep theirs."""
-        t = self.text_embedding
-        if t is None:
-            raise InputError("mismatched captions need a text-conditional discriminator")
-        if self.batch_size < 2:
-            raise InputError("mismatched captions need a batch of at least 2")
+        t = self._captions_to_mismatch()
 
         def index() -> Tensor:
             with torch.no_grad():
@@ -280,7 +282,7 @@ class LossContext:
         """One discriminator pass (not cached): ``D(pyramid, text_embedding=t)``."""
         return self.discriminator(list(pyramid), text_embedding=text_embedding)
 
-    # ---- the cached discriminator outputs -------------------------------------------
+    # ---- the cached discriminator outputs -----------------------------------------------
 
     PASSES: ClassVar[tuple[str, ...]] = (
         "real",
