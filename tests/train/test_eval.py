@@ -344,6 +344,35 @@ def test_gigagan_eval_end_to_end(run: Trainer, files, tmp_path: Path):
     assert saved["dataset"]["kind"] == "synthetic-shapes"
 
 
+@pytest.mark.parametrize("network", ["G", "G_ema", None])
+def test_a_checkpoints_model_folder_is_scored_as_named(run: Trainer, network):
+    """``gigagan eval CKPT/G`` scores the raw generator, ``CKPT/G_ema`` and ``CKPT`` the EMA."""
+    from safetensors.torch import load_file
+
+    from gigagan_train.evaluation import evaluate as evaluate_module
+
+    ckpt = run.folder / "checkpoints" / "step-000002"
+    scored = ckpt / (network or "G_ema")
+    saved = load_file(scored / "model.safetensors")
+    other = load_file(ckpt / ("G_ema" if network == "G" else "G") / "model.safetensors")
+    assert any(not torch.equal(saved[k], other[k]) for k in saved)  # the two really differ
+    seen: list[torch.nn.Module] = []
+
+    def fake_evaluate(generator, *args, **kwargs):
+        seen.append(generator)
+        return {"step": kwargs.get("step")}
+
+    path = ckpt / network if network else ckpt
+    with mock.patch.object(evaluate_module, "evaluate_generator", fake_evaluate):
+        result = evaluate_module.evaluate_checkpoint(path, run.spec.dataset)
+    state = seen[0].state_dict()
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    record = result["checkpoint"]
+    assert record["step"] == 2 and record["network"] == str(scored)
+    key = "sha256" if network == "G" else "G_ema_sha256"
+    assert record[key] == file_sha256(scored / "model.safetensors")
+
+
 def _one_line(err: str, *needles: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err

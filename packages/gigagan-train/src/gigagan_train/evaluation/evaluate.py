@@ -84,6 +84,7 @@ __all__ = [
     "evaluate_images",
     "format_summary",
     "locate_checkpoint",
+    "network_folder",
     "quiet_rng",
     "resolve_cache_dir",
     "scalar_metrics",
@@ -510,7 +511,7 @@ def evaluate_checkpoint(
     spec = spec or EvalSpec()
     folder, checkpoint, step = locate_checkpoint(path)
     torch_device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    generator = load_network(str(checkpoint if checkpoint is not None else folder), "generator")
+    generator = load_network(str(network_folder(folder, checkpoint)), "generator")
     generator = generator.to(torch_device)
     resolution = getattr(generator, "resolution", None)
     dataset = dataset_of(data, checkpoint, resolution if isinstance(resolution, int) else None)
@@ -521,28 +522,40 @@ def evaluate_checkpoint(
     return result
 
 
+def network_folder(folder: Path, checkpoint: Path | None) -> Path:
+    """The saved network a path from :func:`locate_checkpoint` names: ``folder`` itself when
+    it is a model folder (a checkpoint's ``G_ema``, or its raw ``G``), else the checkpoint,
+    whose ``G_ema`` is then the one loaded."""
+    if (folder / "config.json").is_file() or checkpoint is None:
+        return folder
+    return checkpoint / "G_ema"
+
+
 def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None, int | None]:
-    """What ``path`` names (a checkpoint, a run folder, a checkpoint's ``G_ema`` folder or a
-    saved network folder) as ``(folder, checkpoint, step)``: the checkpoint and its step are
-    None for a saved network outside any checkpoint."""
+    """What ``path`` names (a checkpoint, a run folder, a model folder of a checkpoint such
+    as its ``G_ema`` or ``G``, or a saved network folder) as ``(folder, checkpoint, step)``:
+    the checkpoint and its step are None for a saved network outside any checkpoint."""
     folder = Path(path)
     checkpoint: Path | None = None
     if not (folder / "config.json").is_file():
         checkpoint = find_checkpoint(folder)
-    elif (folder.parent / TRAINER_FILE).is_file():  # the G_ema folder of a checkpoint
+    elif (folder.parent / TRAINER_FILE).is_file():  # a model folder of a checkpoint
         checkpoint = folder.parent
     step = int(read_trainer_state(checkpoint)["step"]) if checkpoint is not None else None
     return folder, checkpoint, step
 
 
 def checkpoint_record(folder: Path, checkpoint: Path | None, step: int | None) -> dict[str, Any]:
-    """The ``checkpoint`` entry of a result: its path, step and the sha256 of G-EMA's weights."""
-    model_folder = (checkpoint / "G_ema") if checkpoint is not None else folder
+    """The ``checkpoint`` entry of a result: its path, step, the network folder scored and
+    the sha256 of its weights (``G_ema_sha256`` when that is the checkpoint's G-EMA)."""
+    model_folder = network_folder(folder, checkpoint)
     weights = model_folder / "model.safetensors"
+    key = "G_ema_sha256" if checkpoint is None or model_folder == checkpoint / "G_ema" else "sha256"
     return {
         "path": str(checkpoint if checkpoint is not None else folder),
         "step": step,
-        **({"G_ema_sha256": file_sha256(weights)} if weights.is_file() else {}),
+        "network": str(model_folder),
+        **({key: file_sha256(weights)} if weights.is_file() else {}),
     }
 
 
