@@ -71,7 +71,7 @@ from gigagan_train.evaluation.metrics import (
     precision_recall,
 )
 from gigagan_train.evaluation.samples import RealSample, build_dataset, draw_real, generate_images
-from gigagan_train.networks import load_network, module_device, resolve_device
+from gigagan_train.networks import load_network, model_folder, module_device, resolve_device
 from gigagan_train.presets import resolve_spec_path
 from gigagan_train.spec import UPSAMPLER_METRICS, EvalSpec, RunSpec
 
@@ -84,7 +84,6 @@ __all__ = [
     "evaluate_images",
     "format_summary",
     "locate_checkpoint",
-    "network_folder",
     "quiet_rng",
     "resolve_cache_dir",
     "scalar_metrics",
@@ -511,7 +510,7 @@ def evaluate_checkpoint(
     spec = spec or EvalSpec()
     folder, checkpoint, step = locate_checkpoint(path)
     torch_device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    generator = load_network(str(network_folder(folder, checkpoint)), "generator")
+    generator = load_network(str(folder), "generator")  # the folder named, or G_ema
     generator = generator.to(torch_device)
     resolution = getattr(generator, "resolution", None)
     dataset = dataset_of(data, checkpoint, resolution if isinstance(resolution, int) else None)
@@ -520,15 +519,6 @@ def evaluate_checkpoint(
     )
     result["checkpoint"] = checkpoint_record(folder, checkpoint, step)
     return result
-
-
-def network_folder(folder: Path, checkpoint: Path | None) -> Path:
-    """The saved network a path from :func:`locate_checkpoint` names: ``folder`` itself when
-    it is a model folder (a checkpoint's ``G_ema``, or its raw ``G``), else the checkpoint,
-    whose ``G_ema`` is then the one loaded."""
-    if (folder / "config.json").is_file() or checkpoint is None:
-        return folder
-    return checkpoint / "G_ema"
 
 
 def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None, int | None]:
@@ -548,13 +538,13 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None, int | None]:
 def checkpoint_record(folder: Path, checkpoint: Path | None, step: int | None) -> dict[str, Any]:
     """The ``checkpoint`` entry of a result: its path, step, the network folder scored and
     the sha256 of its weights (``G_ema_sha256`` when that is the checkpoint's G-EMA)."""
-    model_folder = network_folder(folder, checkpoint)
-    weights = model_folder / "model.safetensors"
-    key = "G_ema_sha256" if checkpoint is None or model_folder == checkpoint / "G_ema" else "sha256"
+    scored = model_folder(folder)
+    weights = scored / "model.safetensors"
+    key = "G_ema_sha256" if checkpoint is None or scored == checkpoint / "G_ema" else "sha256"
     return {
         "path": str(checkpoint if checkpoint is not None else folder),
         "step": step,
-        "network": str(model_folder),
+        "network": str(scored),
         **({key: file_sha256(weights)} if weights.is_file() else {}),
     }
 

@@ -60,7 +60,6 @@ from gigagan_train.evaluation.evaluate import (
     checkpoint_record,
     dataset_of,
     locate_checkpoint,
-    network_folder,
     quiet_rng,
     resolve_cache_dir,
 )
@@ -469,7 +468,7 @@ def evaluate_upsampler_checkpoint(
     counterpart of the checkpoint's own dataset (see :func:`evaluate_upsampler`)."""
     folder, checkpoint, step = locate_checkpoint(path)
     torch_device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    upsampler = load_network(str(network_folder(folder, checkpoint)), "upsampler")
+    upsampler = load_network(str(folder), "upsampler")
     upsampler = upsampler.to(torch_device)
     out_size = getattr(getattr(upsampler, "spec", None), "output_resolution", None)
     if isinstance(data, str | Path) and Path(data).is_dir():
